@@ -1,0 +1,299 @@
+"""Typed configuration built from a params mapping (the parsed ``params.yaml``).
+
+Every params group is a frozen dataclass. ``build_params`` validates a whole mapping:
+unknown keys (with a did-you-mean hint), wrong types, values out of range and values not
+in an allowed set each raise :class:`ConfigError` naming the dotted key and what was
+expected. Nothing here reads a file: stages load YAML and pass the mapping in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DATASETS = ("synthetic", "ade20k", "coco_stuff_10k")
+# Official split ids per dataset; the synthetic dataset ships its own 4 splits.
+SPLIT_IDS = {"synthetic": (1, 2, 3, 4), "ade20k": (1, 2, 3, 4), "coco_stuff_10k": tuple(range(1, 10))}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+DEVICES = ("auto", "cpu", "cuda")
+PP_FORMS = ("cce", "ce")
+PP_PAIRINGS = ("cross_image", "within_image")
+
+
+class ConfigError(ValueError):
+    """A params value is missing, misspelt, of the wrong type or out of range."""
+
+
+def _spec(default: Any = dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_open=False,
+          help: str = "", default_factory: Any = dataclasses.MISSING):
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = _spec(6, lo=0, help="global seed: data generation, sampling, init, augmentation")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_train: int = _spec(320, lo=4, help="training images generated")
+    num_test: int = _spec(80, lo=2, help="test images generated")
+    image_size: int = _spec(128, lo=32, hi=1024, help="side of the square generated images")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _spec("synthetic", choices=DATASETS, help="which dataset to download and prepare")
+    split: int = _spec(1, lo=1, help="official weak-shot split id (synthetic 1-4, ade20k 1-4, coco_stuff_10k 1-9)")
+    crop_size: int = _spec(128, lo=16, help="square training crop")
+    scale_min: float = _spec(0.5, lo=0.0, lo_open=True, help="random short-edge resize, lower factor of crop_size")
+    scale_max: float = _spec(1.5, lo=0.0, lo_open=True, help="random short-edge resize, upper factor of crop_size")
+    test_short_edge: int = _spec(0, lo=0, help="test-time short-edge resize (0 keeps the image size)")
+    test_max_edge: int = _spec(0, lo=0, help="test-time cap on the long edge (0 = no cap)")
+    url: str = _spec("", help="archive URL override (a mirror); empty = the official URL")
+    checksum: str = _spec("", help="'md5:<hex>' or 'sha256:<hex>' override; empty = the pinned checksum")
+    archive_dir: str = _spec("", help="folder that already holds the official archive; empty = the stage's raw folder")
+    prepare_workers: int = _spec(2, lo=1, help="parallel workers converting real-dataset labels")
+    synthetic: SyntheticConfig = _spec(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = _spec("resnet18", choices=BACKBONES)
+    pretrained: str = _spec("none", help="'imagenet', 'none' or a path to a torchvision ResNet state dict")
+    freeze_bn: bool = _spec(False, help="frozen BatchNorm (paper, with ImageNet init); train BN from scratch otherwise")
+    hidden_dim: int = _spec(128, lo=8, help="transformer width d (paper 256)")
+    num_queries: int = _spec(32, lo=1, help="learned queries (paper 100)")
+    nheads: int = _spec(4, lo=1, help="attention heads (paper 8)")
+    dec_layers: int = _spec(3, lo=1, help="transformer decoder layers (paper 6)")
+    dim_feedforward: int = _spec(512, lo=8, help="FFN width (paper 2048)")
+    dropout: float = _spec(0.1, lo=0.0, hi=1.0)
+    conv_dim: int = _spec(128, lo=8, help="FPN pixel decoder channels (paper 256)")
+    mask_dim: int = _spec(128, lo=8, help="mask feature / mask embedding channels (paper 256)")
+    gn_groups: int = _spec(32, lo=1, help="GroupNorm groups in the pixel decoder")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Matching costs (Hungarian): base = -p(class) + 20 focal + 1 dice; novel = -p(class)
+    match_class_cost: float = _spec(1.0, lo=0.0)
+    match_focal_cost: float = _spec(20.0, lo=0.0)
+    match_dice_cost: float = _spec(1.0, lo=0.0)
+    # ClsLoss and MaskLoss
+    cls_weight: float = _spec(1.0, lo=0.0, help="ClsLoss weight")
+    no_object_weight: float = _spec(0.1, lo=0.0, help="class weight of the no-object label in ClsLoss")
+    focal_weight: float = _spec(20.0, lo=0.0, help="MaskLoss / CompLoss sigmoid focal weight")
+    dice_weight: float = _spec(1.0, lo=0.0, help="MaskLoss / CompLoss dice weight")
+    focal_alpha: float = _spec(0.25, lo=0.0, hi=1.0)
+    focal_gamma: float = _spec(2.0, lo=0.0)
+    deep_supervision: bool = _spec(True, help="losses 2-4 on every decoder layer")
+    mask_points: int = _spec(0, lo=0, help="point-sampled MaskLoss with this many points (0 = dense)")
+    # CompLoss (complementary)
+    comp_weight: float = _spec(0.15, lo=0.0, help="complementary loss weight (0.15 COCO, 0.2 ADE); 0 = off")
+    comp_bg_logit: float = _spec(-2.9444, help="constant background logit in the complementary max")
+    # SimLoss (SimNet on base pixel pairs)
+    sim_weight: float = _spec(1.0, lo=0.0, help="SimLoss weight; 0 = off")
+    sim_points: int = _spec(100, lo=2, help="pixels sampled per image for SimLoss")
+    sim_base_points: int = _spec(80, lo=0, help="of sim_points, how many from a base class shared by the pair")
+    # DistLoss (pixel-pixel distillation onto novel score maps)
+    pp_weight: float = _spec(0.3, lo=0.0, help="DistLoss weight (0.5 ADE, 0.1 COCO); 0 = off")
+    pp_form: str = _spec("cce", choices=PP_FORMS)
+    pp_points: int = _spec(100, lo=2, help="pixels sampled per image for DistLoss")
+    pp_pairing: str = _spec("cross_image", choices=PP_PAIRINGS,
+                            help="student pairs across the image pair (default) or within one image (released code)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = _spec(500, lo=1)
+    batch_size: int = _spec(8, lo=1, help="images per step (pairs: must be even when pair_sampling is on)")
+    lr: float = _spec(3e-4, lo=0.0, lo_open=True)
+    weight_decay: float = _spec(1e-4, lo=0.0)
+    backbone_lr_mult: float = _spec(1.0, lo=0.0, help="backbone lr multiplier (paper 0.1 with ImageNet init)")
+    poly_power: float = _spec(0.9, lo=0.0)
+    clip_grad_norm: float = _spec(0.01, lo=0.0, help="global L2 gradient clip; 0 = off")
+    device: str = _spec("auto", choices=DEVICES)
+    amp: bool = _spec(True, help="mixed precision (bf16) when on CUDA")
+    workers: int = _spec(0, lo=0, help="DataLoader worker processes")
+    checkpoint_interval: int = _spec(100, lo=1, help="steps between checkpoints")
+    log_interval: int = _spec(10, lo=1, help="steps between logged losses")
+    pair_sampling: bool = _spec(True, help="batches of image pairs sharing a novel class")
+    threads: int = _spec(0, lo=0, help="torch CPU threads (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    device: str = _spec("auto", choices=DEVICES)
+    max_images: int = _spec(0, lo=0, help="evaluate only the first N test images (0 = all)")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    title: str = _spec("SimFormer weak-shot segmentation")
+    smoothing: int = _spec(10, lo=1, help="moving-average window for training curves")
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+GROUPS = typing.get_type_hints(Params)
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"params key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, values: Any, prefix: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"params key '{prefix}': expected a mapping of keys, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), list(fields), n=1)
+        hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown params key '{prefix}.{k}'.{hint} Allowed keys in '{prefix}': "
+                          + ", ".join(sorted(fields)))
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        tp = hints[name]
+        if name not in values:
+            continue
+        value = values[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+            continue
+        value = _coerce(value, tp, key)
+        meta = f.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ConfigError(f"params key '{key}': {value!r} is not allowed; allowed values: "
+                              + ", ".join(map(str, meta["choices"])))
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+            rel = ">" if meta.get("lo_open") else ">="
+            raise ConfigError(f"params key '{key}': {value!r} is out of range; expected a value {rel} {lo}"
+                              + (f" and <= {hi}" if hi is not None else ""))
+        if hi is not None and value > hi:
+            raise ConfigError(f"params key '{key}': {value!r} is out of range; expected a value <= {hi}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_cross(p: Params) -> None:
+    allowed = SPLIT_IDS[p.data.dataset]
+    if p.data.split not in allowed:
+        raise ConfigError(f"params key 'data.split': {p.data.split} is out of range for dataset "
+                          f"'{p.data.dataset}'; allowed values: {', '.join(map(str, allowed))}")
+    if p.data.scale_min > p.data.scale_max:
+        raise ConfigError(f"params keys 'data.scale_min' ({p.data.scale_min}) and 'data.scale_max' "
+                          f"({p.data.scale_max}): expected scale_min <= scale_max")
+    if p.model.hidden_dim % p.model.nheads:
+        raise ConfigError(f"params key 'model.nheads': {p.model.nheads} must divide model.hidden_dim "
+                          f"({p.model.hidden_dim})")
+    for k in ("conv_dim", "mask_dim"):
+        if getattr(p.model, k) % p.model.gn_groups:
+            raise ConfigError(f"params key 'model.gn_groups': {p.model.gn_groups} must divide model.{k} "
+                              f"({getattr(p.model, k)})")
+    if p.loss.sim_base_points > p.loss.sim_points:
+        raise ConfigError(f"params key 'loss.sim_base_points': {p.loss.sim_base_points} must be <= "
+                          f"loss.sim_points ({p.loss.sim_points})")
+    if p.train.pair_sampling and p.train.batch_size % 2:
+        raise ConfigError(f"params key 'train.batch_size': {p.train.batch_size} must be even when "
+                          "train.pair_sampling is true (batches are image pairs)")
+
+
+def build_params(raw: Mapping[str, Any] | None, groups: typing.Iterable[str] | None = None) -> Params:
+    """Validate a params mapping and build :class:`Params`.
+
+    ``groups`` restricts unknown-top-level-key checking to nothing extra: top-level keys
+    that are not params groups of this project (for example ``ablation``, owned by other
+    tools) are accepted only when listed in ``EXTRA_TOP_LEVEL``.
+    """
+    raw = dict(raw or {})
+    unknown = [k for k in raw if k not in GROUPS and k not in EXTRA_TOP_LEVEL]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), list(GROUPS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown params group '{k}'.{hint} Allowed groups: "
+                          + ", ".join(sorted(list(GROUPS) + list(EXTRA_TOP_LEVEL))))
+    kwargs = {name: _build(tp, raw.get(name), name) for name, tp in GROUPS.items()}
+    p = Params(**kwargs)
+    _check_cross(p)
+    return p
+
+
+# Top-level params groups read by tools other than the typed config (validated elsewhere).
+EXTRA_TOP_LEVEL: tuple[str, ...] = ("ablation",)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (MLflow does not flatten nested params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "model", "loss", "train")) -> str:
+    """Stable short hash of the groups that determine a trained model."""
+    d = {g: to_dict(getattr(p, g)) for g in groups}
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe() -> str:
+    """Human-readable list of every key with its default and help (for --help texts)."""
+    lines = []
+    for gname, gtp in GROUPS.items():
+        lines.append(f"{gname}:")
+        hints = typing.get_type_hints(gtp)
+        for f in dataclasses.fields(gtp):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            help_ = f.metadata.get("help", "")
+            lines.append(f"  {f.name} = {f.default!r}  {help_}")
+    return "\n".join(lines)
