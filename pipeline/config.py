@@ -108,6 +108,7 @@ class LossConfig:
     pp_points: int = _spec(100, lo=2, help="pixels sampled per image for DistLoss")
     pp_pairing: str = _spec("cross_image", choices=PP_PAIRINGS,
                             help="student pairs across the image pair (default) or within one image (released code)")
+    oracle: bool = _spec(False, help="fully supervised oracle: novel classes get their masks too (upper bound)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""Semantic inference over the test split and the confusion matrix it yields."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Params, build_params
+from ..data.dataset import TestImages, worker_init
+from ..model import build_model, semantic_inference
+from .checkpoint import load_checkpoint
+from .metrics import ConfusionMatrix
+
+
+def load_trained(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Params, dict]:
+    """Rebuild the model from the train stage's exported file."""
+    ck = load_checkpoint(path)
+    p = build_params(ck["params"])
+    model = build_model(p.model, ck["num_classes"])
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), p, ck["split"]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int],
+            size_divisor: int = 32) -> torch.Tensor:
+    """image 3 x h x w (0..255) -> K x H x W class scores at ``out_size``."""
+    _, h, w = image.shape
+    ph, pw = -h % size_divisor, -w % size_divisor
+    x = F.pad(image[None].float(), (0, pw, 0, ph))
+    out = model(x)
+    scores = semantic_inference(out["pred_logits"], out["pred_masks"])
+    scores = F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+    return F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)[0]
+
+
+def evaluate(model: torch.nn.Module, dataset_dir: str | Path, entries: list[dict], num_classes: int,
+             device: torch.device, short_edge: int = 0, max_edge: int = 0, max_images: int = 0,
+             progress: bool = True, on_prediction=None) -> np.ndarray:
+    """Returns the K x K confusion matrix (rows ground truth) over ``entries``.
+
+    ``on_prediction(name, pred, gt)`` is called with each prediction (for qualitative figures).
+    """
+    if max_images:
+        entries = entries[:max_images]
+    if not entries:
+        raise ValueError(f"no test images to evaluate in '{dataset_dir}'")
+    data = TestImages(dataset_dir, entries, short_edge, max_edge)
+    loader = DataLoader(data, batch_size=None, num_workers=0, worker_init_fn=worker_init)
+    conf = ConfusionMatrix(num_classes)
+    for item in tqdm(loader, total=len(data), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True):
+        gt = item["sem_seg"]
+        scores = predict(model, item["image"].to(device), tuple(gt.shape))
+        pred = scores.argmax(0).cpu()
+        conf.update(pred, gt)
+        if on_prediction is not None:
+            on_prediction(item["name"], pred.numpy(), gt.numpy())
+    return conf.matrix

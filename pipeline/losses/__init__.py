@@ -1,0 +1,1 @@
+"""Matcher, set criterion (ClsLoss, MaskLoss, CompLoss) and similarity losses (SimLoss, DistLoss)."""

@@ -1,0 +1,125 @@
+"""Report figures (PNG). Uses ``matplotlib.figure.Figure`` with the Agg canvas directly, so no
+pyplot global state or GUI backend is touched; every file is written through ``atomic_path``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..io import atomic_path
+from .tables import per_class_dataframe, sort_per_class
+
+# Columns of reports/train_curve.csv that are not loss terms.
+CURVE_NON_LOSS = ("step", "loss", "lr", "images_per_s", "epoch", "time_s", "wall_s")
+BASE_COLOR = "#4C72B0"
+NOVEL_COLOR = "#DD8452"
+
+
+def _new_figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_png) -> Path:
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
+
+
+def _read_curve(curve) -> pd.DataFrame:
+    if isinstance(curve, pd.DataFrame):
+        return curve.copy()
+    if isinstance(curve, (str, os.PathLike)):
+        return pd.read_csv(curve)
+    return pd.DataFrame(curve)
+
+
+def _smooth(s: pd.Series, window: int) -> pd.Series:
+    return s.rolling(window=max(1, int(window)), min_periods=1).mean()
+
+
+def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
+    """Two panels: total loss (raw, faint, plus a ``smoothing``-step moving average) and every
+    per-term loss column (moving average). Curve columns: ``step, loss, <loss terms>..., lr,
+    images_per_s``; any numeric column other than step/loss/lr/images_per_s is a loss term."""
+    df = _read_curve(curve_csv_or_df)
+    fig = _new_figure(11, 4.2)
+    ax_total, ax_terms = fig.subplots(1, 2)
+    if df.empty or "loss" not in df.columns:
+        for ax in (ax_total, ax_terms):
+            ax.text(0.5, 0.5, "no training curve data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+        return _save(fig, out_png)
+
+    x = df["step"] if "step" in df.columns else pd.Series(np.arange(len(df)), index=df.index)
+    loss = pd.to_numeric(df["loss"], errors="coerce")
+    ax_total.plot(x, loss, color="0.3", alpha=0.25, linewidth=0.8, label="raw")
+    ax_total.plot(x, _smooth(loss, smoothing), color="C0", linewidth=1.6, label=f"moving average ({smoothing})")
+    ax_total.set_title("total loss")
+    ax_total.set_xlabel("step")
+    ax_total.set_ylabel("loss")
+    ax_total.grid(alpha=0.3)
+    ax_total.legend(fontsize=8)
+
+    terms = [c for c in df.columns if c not in CURVE_NON_LOSS and pd.api.types.is_numeric_dtype(df[c])]
+    if terms:
+        for i, c in enumerate(terms):
+            ax_terms.plot(x, _smooth(pd.to_numeric(df[c], errors="coerce"), smoothing), color=f"C{i % 10}",
+                          linewidth=1.3, label=c)
+        ax_terms.legend(fontsize=8, ncol=2)
+    else:
+        ax_terms.text(0.5, 0.5, "no per-term losses logged", ha="center", va="center", transform=ax_terms.transAxes)
+    ax_terms.set_title(f"loss terms (moving average, {smoothing} steps)")
+    ax_terms.set_xlabel("step")
+    ax_terms.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_per_class_iou(per_class_df, out_png) -> Path:
+    """Horizontal IoU bars, base classes then novel (each by IoU), novel classes highlighted,
+    dashed lines at the base and novel mean IoU; absent classes are listed with no bar."""
+    df = sort_per_class(per_class_dataframe(per_class_df))
+    n = len(df)
+    fig = _new_figure(8, max(3.0, 0.2 * n + 1.4))
+    ax = fig.subplots()
+    if n == 0:
+        ax.text(0.5, 0.5, "no classes", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _save(fig, out_png)
+    y = np.arange(n)
+    iou = df["iou"].to_numpy(dtype=float)
+    novel = (df["split"] == "novel").to_numpy()
+    colors = [NOVEL_COLOR if v else BASE_COLOR for v in novel]
+    ax.barh(y, np.nan_to_num(iou, nan=0.0), color=colors, height=0.8)
+    labels = [f"{name} (absent)" if np.isnan(v) else str(name) for name, v in zip(df["name"], iou)]
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7 if n > 40 else 8)
+    for tick, is_novel in zip(ax.get_yticklabels(), novel):
+        if is_novel:
+            tick.set_color(NOVEL_COLOR)
+            tick.set_fontweight("bold")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    ax.grid(axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    handles = []
+    for split, color in (("base", BASE_COLOR), ("novel", NOVEL_COLOR)):
+        vals = iou[(df["split"] == split).to_numpy()]
+        vals = vals[~np.isnan(vals)]
+        if vals.size:
+            ax.axvline(vals.mean(), color=color, linestyle="--", linewidth=1)
+            handles.append(Patch(color=color, label=f"{split} (mean {vals.mean():.1f})"))
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.set_title("per-class IoU")
+    fig.tight_layout()
+    return _save(fig, out_png)
