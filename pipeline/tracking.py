@@ -17,8 +17,9 @@ Runs
 :class:`RunTracker` tags every run with ``params_hash`` (``pipeline.config.params_hash``).
 ``start(..., resume=True)`` reopens the newest run of the experiment with the same hash
 that is not FINISHED (a crashed, failed or killed training resuming from its checkpoint)
-instead of opening a duplicate; params already logged are left alone (MLflow forbids
-changing a logged param), only missing ones are added. A new run gets all flattened params
+instead of opening a duplicate (``include_finished=True`` also reopens a FINISHED run: the
+evaluate stage logs onto its training run); params and tags already logged are left alone
+(MLflow forbids changing a logged param), only missing ones are added. A new run gets all flattened params
 (batches of at most 100), the params file text as artifact ``params.yaml`` and the tags
 ``git_commit``, ``dvc_exp_name``, ``params_hash`` plus the caller's.
 
@@ -174,11 +175,11 @@ def open_client(root: str | os.PathLike, timeout: float = 30.0):
     Raises :class:`TrackingError` naming the store path when it cannot be opened.
     """
     root = Path(root).resolve()
-    db = _probe_store(root, timeout)
     try:
         from mlflow import MlflowClient
     except ImportError as e:
-        raise TrackingError(f"MLflow store {db} cannot be opened: mlflow is not installed ({e})") from e
+        raise TrackingError(f"MLflow store {db_path(root)} cannot be opened: mlflow is not installed ({e})") from e
+    db = _probe_store(root, timeout)
     _quiet_store_logs()
     try:
         with _init_lock(root):
@@ -271,9 +272,15 @@ class RunTracker:
 
     # -- lifecycle
     def start(self, params_hash: str, run_name: str, params_flat: Mapping[str, Any], params_yaml_text: str,
-              tags: Mapping[str, Any] | None = None, resume: bool = True) -> str:
+              tags: Mapping[str, Any] | None = None, resume: bool = True, include_finished: bool = False) -> str:
         """Open (or resume) the run and return its id; raises :class:`TrackingError` when the
-        store cannot be opened or written (call it before any expensive work)."""
+        store cannot be opened or written (call it before any expensive work).
+
+        ``resume``: reopen the newest run with this ``params_hash`` that is not FINISHED;
+        ``include_finished`` also reopens a FINISHED one (the evaluate stage logging onto its
+        training run). A resumed run keeps its params and tags; only missing ones are added,
+        ``resume_count`` is incremented and a changed commit is recorded as ``git_commit_resumed``.
+        """
         if not params_hash:
             raise ValueError("params_hash must be a non-empty string")
         self.client = open_client(self.root, self.timeout)
@@ -295,7 +302,7 @@ class RunTracker:
             self.experiment_id = _experiment_id(client, self.root, self.experiment, create=True)
             existing = None
             if resume:
-                runs = _search(client, self.experiment_id, params_hash, UNFINISHED)
+                runs = _search(client, self.experiment_id, params_hash, None if include_finished else UNFINISHED)
                 existing = runs[0] if runs else None
             if existing is not None:
                 run_id = existing.info.run_id
@@ -307,9 +314,11 @@ class RunTracker:
                 missing = [Param(k, v) for k, v in params.items() if k not in logged]
                 for chunk in _chunks(missing, PARAMS_CHUNK):
                     client.log_batch(run_id, params=chunk)
-                count = int(existing.data.tags.get("resume_count", "0") or 0) + 1
-                resume_tags = {**all_tags, "resume_count": str(count)}
-                resume_tags.pop("mlflow.source.git.commit", None)
+                old_tags = existing.data.tags
+                resume_tags = {k: v for k, v in all_tags.items() if k not in old_tags}
+                resume_tags["resume_count"] = str(int(old_tags.get("resume_count", "0") or 0) + 1)
+                if old_tags.get("git_commit", base_tags["git_commit"]) != base_tags["git_commit"]:
+                    resume_tags["git_commit_resumed"] = base_tags["git_commit"]
                 client.log_batch(run_id, tags=[RunTag(k, v) for k, v in resume_tags.items()])
                 if "params.yaml" not in {f.path for f in client.list_artifacts(run_id)}:
                     client.log_text(run_id, params_yaml_text, "params.yaml")

@@ -184,3 +184,15 @@ def test_parse_and_verify_checksum(tmp_path):
     assert verify_checksum(p, _md5(b"hello")) == hashlib.md5(b"hello").hexdigest()
     with pytest.raises(ChecksumError, match="f.bin"):
         verify_checksum(p, _md5(b"other"))
+
+
+def test_offline_name_lookup_fails_fast(monkeypatch, tmp_path):
+    def offline(host, *a, **k):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    url = "http://data.example.invalid/a.zip"
+    with pytest.raises(DownloadError) as ei:
+        download(url, tmp_path / "a.zip", progress=False, backoff=60.0)  # no retry, so no back-off sleep
+    assert url in str(ei.value) and "lookup failed" in str(ei.value)
+    assert list(tmp_path.iterdir()) == []

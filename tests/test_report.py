@@ -64,6 +64,8 @@ def test_render_report_sections(tmp_path):
     assert md.index("| 4 | tree |") < md.index("| 0 | sky |") < md.index("| 2 | cat |") < md.index("| 3 | dog |")
     assert "Reference bound" not in md
     assert "Reference bound" not in render_report("t", METRICS, _per_class_df(), {}, None)
+    md = render_report("t", METRICS, _per_class_df(), {}, {"dataset": None, "split": None})
+    assert "None" not in md and "Reference bound" not in md
 
 
 @pytest.mark.parametrize("dataset,value", [("ade20k", "44.5"), ("coco_stuff_10k", "37.1")])

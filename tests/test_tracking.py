@@ -18,6 +18,7 @@ from pipeline.tracking import (
 )
 
 mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside mlflow's sqlalchemy store
 
 EXP = experiment_name("synthetic", 1)
 
@@ -101,7 +102,17 @@ def test_start_log_and_resume(tmp_path, monkeypatch):
     assert find_run(root, EXP, "0000") is None
     assert find_run(root, "no-such-experiment", h) is None
 
-    # a FINISHED run is never resumed; other params hash -> other run
+    # the evaluate stage reopens the FINISHED training run; logged tags are kept, new ones added
+    with RunTracker(root, EXP) as ev:
+        assert ev.start(h, "eval", flat, text, {"stage": "evaluate", "eval_images": 5},
+                        include_finished=True) == rid
+        ev.log_metrics({"mIoU": 42.0})
+    run = c.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.metrics["mIoU"] == 42.0
+    assert run.data.tags["stage"] == "train" and run.data.tags["eval_images"] == "5"
+    assert run.data.tags["resume_count"] == "2"
+
+    # without include_finished a FINISHED run is never resumed; other params hash -> other run
     with RunTracker(root, EXP) as tr3:
         rid3 = tr3.start(h, "train", flat, text, {})
     assert rid3 != rid
@@ -122,12 +133,33 @@ def test_failed_on_exception_then_resumed(tmp_path):
     tr = RunTracker(tmp_path, EXP)
     assert tr.start(h, "train", flat, "x: 1\n", {}) == rid          # failed runs resume
     assert c.get_run(rid).info.status == "RUNNING"
-    assert tr.start.__self__ is tr
     tr2 = RunTracker(tmp_path, EXP)
     assert tr2.start(h, "train", flat, "x: 1\n", {}, resume=False) != rid
     tr.finish("FINISHED")
     tr.finish("FAILED")                                              # idempotent
     assert c.get_run(rid).info.status == "FINISHED"
+
+
+def test_mid_run_logging_failure_policy(tmp_path, monkeypatch):
+    import pipeline.tracking as t
+    monkeypatch.setattr(t, "_RETRY_SLEEPS", (0.0,))
+    _, flat, h = _params()
+    tr = RunTracker(tmp_path, EXP)
+    tr.start(h, "train", flat, "", {})
+
+    def broken(*a, **k):
+        raise RuntimeError("database is locked")
+
+    with monkeypatch.context() as m:
+        m.setattr(tr.client, "log_batch", broken)
+        tr.log_metrics({"loss": 1.0}, step=1)                # default: warn, record, carry on
+        assert len(tr.failures) == 1 and "database is locked" in tr.failures[0]
+        assert str(tmp_path / "mlflow.db") in tr.failures[0]
+        tr.strict = True
+        with pytest.raises(TrackingError, match="log_metrics"):
+            tr.log_metrics({"loss": 1.0}, step=2)
+    tr.finish()
+    assert _client(tmp_path).get_run(tr.run_id).info.status == "FINISHED"
 
 
 def test_store_root_resolution(tmp_path, monkeypatch):
@@ -177,12 +209,12 @@ def test_locked_store_fails_fast(tmp_path):
         holder.close()
 
 
-def test_pipeline_imports_without_mlflow():
+def test_pipeline_imports_without_mlflow(tmp_path):
     code = ("import sys; sys.modules['mlflow'] = None\n"
             "import pipeline.tracking, pipeline.report, pipeline.engine.metrics\n"
             "from pipeline.tracking import TrackingError, RunTracker\n"
             "try:\n"
-            "    pipeline.tracking.open_client('.')\n"
+            f"    pipeline.tracking.open_client({str(tmp_path)!r})\n"
             "except TrackingError as e:\n"
             "    assert 'not installed' in str(e), e\n"
             "else:\n"
@@ -190,4 +222,4 @@ def test_pipeline_imports_without_mlflow():
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "sqlite" in tracking_uri(repo)
+    assert not (tmp_path / "mlflow.db").exists()

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from pipeline.data.download import ChecksumError, DownloadError, download, file_digest, parse_checksum
-from pipeline.data.extract import safe_extract_zip
+from pipeline.data.extract import ExtractError, safe_extract_zip
 from pipeline.data.prepare import find_dataset_root, prepare_dataset
 from pipeline.data.sources import get_source
 from pipeline.io import write_text
@@ -104,7 +104,7 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
             except ChecksumError as e:
                 raise AcquireError(f"{e} If you trust this file, pass its digest as data.checksum.") from e
             except DownloadError as e:
-                raise AcquireError(f"cannot download the {dataset} archive: {e}. "
+                raise AcquireError(f"cannot download the {dataset} archive: {e}\n"
                                    + _manual_help(src, url, folder)) from e
             downloaded = True
 
@@ -141,7 +141,11 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
     raw_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".extract-{dataset}-", dir=raw_dir))
     try:
-        extracted = safe_extract_zip(archive, work / "x", progress=progress)
+        try:
+            extracted = safe_extract_zip(archive, work / "x", progress=progress)
+        except ExtractError as e:
+            raise AcquireError(f"{e}. Delete {archive} and run again to download a fresh copy, or put a good "
+                               f"copy of {src.archive_name} there.") from e
         if not checksum and record_path is None:  # every CRC passed: pin this copy
             record_path = _write_record(archive, raw_dir, sha256)
             record_written = True

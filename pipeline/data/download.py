@@ -15,7 +15,10 @@ does not exist or is complete and verified.
 * on a checksum mismatch the ``.part`` is **deleted** (a complete but wrong file cannot be
   resumed into a right one) and :class:`ChecksumError` names the file, the expected and
   the actual digest; no final file is created;
-* any other failure leaves the ``.part`` in place so that the next call resumes it.
+* any other failure leaves the ``.part`` in place so that the next call resumes it;
+* a failed host-name lookup (offline machine) fails at once, without retries; HTTP 4xx
+  (other than 408/429/416) fails at once; 5xx, refused/reset connections and timeouts are
+  retried with exponential back-off (``backoff`` * 1, 2, 4, ... seconds, at most 30).
 """
 from __future__ import annotations
 
@@ -126,6 +129,8 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool, desc: s
         raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, socket.gaierror):  # name resolution failed: offline, retrying won't help
+            raise DownloadError(f"cannot reach {url}: host name lookup failed ({reason}); no network?") from e
         raise _Retryable(f"cannot reach {url}: {reason}") from e
 
     with resp:
@@ -146,15 +151,15 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool, desc: s
                                           unit_divisor=1024, desc=desc, disable=not progress) as bar:
             try:
                 while True:
-                    chunk = resp.read(_CHUNK)
+                    try:
+                        chunk = resp.read(_CHUNK)
+                    except (socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
+                        raise _Retryable(f"connection lost after {offset + received} bytes: {e!r}") from e
                     if not chunk:
                         break
-                    f.write(chunk)
+                    f.write(chunk)  # a disk error here is final, not retried
                     received += len(chunk)
                     bar.update(len(chunk))
-            except (socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
-                f.flush()
-                raise _Retryable(f"connection lost after {offset + received} bytes: {e!r}") from e
             finally:
                 f.flush()
                 os.fsync(f.fileno())

@@ -45,11 +45,7 @@ def build_criterion(p: Params, num_classes: int, base_ids: list[int], novel_ids:
     similarity = None
     if lc.sim_weight > 0 or lc.pp_weight > 0:
         from ..losses.similarity import DualSimilarityLoss
-        from ..model.simnet import SimNet
-        similarity = DualSimilarityLoss(
-            SimNet(2 * p.model.mask_dim), sim_weight=lc.sim_weight, pp_weight=lc.pp_weight,
-            sim_points=lc.sim_points, sim_base_points=lc.sim_base_points, pp_points=lc.pp_points,
-            pp_form=lc.pp_form, pp_pairing=lc.pp_pairing)
+        similarity = DualSimilarityLoss.from_config(lc, p.model.mask_dim)
     return SetCriterion(num_classes, matcher, lc, p.model.dec_layers, similarity,
                         torch.tensor(base_ids, dtype=torch.long), torch.tensor(novel_ids, dtype=torch.long))
 
@@ -165,7 +161,8 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         sem_seg = batch["sem_seg"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True)
         targets = weak_shot_targets(sem_seg, valid, base_ids, novel_ids, p.loss.oracle)
-        gen = torch.Generator(device=device).manual_seed(p.base.seed * 1_000_003 + step)
+        # Point sampling draws from a CPU generator seeded per step: same points on any device, exact resume.
+        gen = torch.Generator().manual_seed(p.base.seed * 1_000_003 + step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = model(images)
         losses = criterion(outputs, targets, gen)

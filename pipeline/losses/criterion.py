@@ -51,7 +51,7 @@ def mask_loss(pred_masks, targets, indices, alpha: float, gamma: float, num_poin
     src, tgt = torch.cat(src), torch.cat(tgt)
     n = src.shape[0]
     if num_points > 0:     # point-sampled variant (Mask2Former): uniform random points per mask
-        coords = torch.rand(n, num_points, 2, device=src.device, generator=generator)
+        coords = torch.rand(n, num_points, 2, generator=generator).to(src.device)
         src_p, tgt_p = _point_sample(src, coords), _point_sample(tgt, coords)
     else:
         src_p = _upsample(src[:, None], tgt.shape[-2:])[:, 0].flatten(1)

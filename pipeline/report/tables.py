@@ -134,7 +134,7 @@ def render_report(title: str, metrics: Mapping[str, Any], per_class_df, figures:
     "Reference bound" section) and any further run facts (params hash, MLflow run id, ...),
     listed under "Run".
     """
-    extra = dict(extra or {})
+    extra = {k: v for k, v in (extra or {}).items() if v is not None}
     df = sort_per_class(per_class_df)
     parts = [f"# {title}\n"]
 
