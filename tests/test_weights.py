@@ -1,6 +1,7 @@
 """Backbone weights: none / local file / imagenet (offline simulated, never the internet)."""
 from __future__ import annotations
 
+import os
 import socket
 import urllib.error
 
@@ -97,7 +98,6 @@ def test_imagenet_from_cache_offline(resnet18_state):
     info = imagenet_weights_info("resnet18")
     cache = torch.hub.get_dir()
     assert info["cache"].startswith(cache)  # TORCH_HOME points into tmp_path
-    import os
     os.makedirs(os.path.dirname(info["cache"]), exist_ok=True)
     torch.save(resnet18_state, info["cache"])
     sd = load_backbone_state_dict("imagenet", "resnet18", progress=False)

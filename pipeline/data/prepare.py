@@ -289,7 +289,7 @@ def _run(items: list, luts: dict, *, workers: int, progress: bool, desc: str) ->
     results: list[dict] = []
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
         if workers <= 1 or len(items) < 2:
-            _init_worker(luts)
+            _LUTS.update(luts)  # in-process: leave this process's cv2 thread setting alone
             for it in items:
                 results.append(_convert_one(it))
                 bar.update(1)
