@@ -136,6 +136,12 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PseudoConfig:
+    enabled: bool = _spec(False, help="pseudo-label the train set with the trained model, then retrain on it")
+    iterations: int = _spec(0, lo=0, help="retraining iterations (0 = train.iterations)")
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     title: str = _spec("SimFormer weak-shot segmentation")
     smoothing: int = _spec(10, lo=1, help="moving-average window for training curves")
@@ -149,6 +155,7 @@ class Params:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 

@@ -58,3 +58,14 @@ def test_cost_matrix_values_and_novel_rule():
     assert torch.allclose(c[1], torch.tensor(-0.2), atol=1e-6)      # novel: class cost only
     c2 = m.cost_matrix(logits, -masks, [tgt])[0, 0]
     assert torch.allclose(c2[1], c[1]) and not torch.allclose(c2[0], c[0])
+
+
+def test_mask_cost_at_prediction_resolution():
+    # A 2x2 target mask seen by 1x1 predicted masks: nearest downsampling keeps its top-left pixel.
+    logits = torch.zeros(1, 2, 2)
+    masks = torch.tensor([[[[5.0]], [[-5.0]]]])                 # query 0 says "on", query 1 "off"
+    on = {"labels": torch.tensor([0]), "masks": torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), "num_base": 1}
+    off = {"labels": torch.tensor([0]), "masks": torch.tensor([[[0.0, 1.0], [1.0, 1.0]]]), "num_base": 1}
+    m = HungarianMatcher()
+    assert m({"pred_logits": logits, "pred_masks": masks}, [on])[0][0].tolist() == [0]
+    assert m({"pred_logits": logits, "pred_masks": masks}, [off])[0][0].tolist() == [1]

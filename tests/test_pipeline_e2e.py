@@ -23,6 +23,7 @@ TINY = {
               "conv_dim": 32, "mask_dim": 32, "gn_groups": 8},
     "loss": {"sim_points": 10, "sim_base_points": 8, "pp_points": 10},
     "train": {"iterations": 4, "batch_size": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1},
+    "pseudo": {"enabled": True, "iterations": 2},
 }
 
 
@@ -115,12 +116,21 @@ def test_repro_writes_every_output(project: Path):
     for png in ("train_curve.png", "per_class_iou.png"):
         assert (project / "reports" / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "data" / "train" / "model.pt").stat().st_size > 0
+    retrain = json.loads((project / "reports" / "retrain_metrics.json").read_text())
+    assert retrain["enabled"] is True and 0.0 <= retrain["pseudo_novel_precision"] <= 100.0
+    labels = sorted((project / "data" / "retrain" / "labels" / "annotations_detectron2" / "train").glob("*.png"))
+    assert len(labels) == 16
+    assert "## Pseudo-label retraining" in report
 
 
 def test_mlflow_run_has_params_losses_metrics_and_model(project: Path):
     runs = mlflow_runs(project)
-    assert len(runs) == 1
-    run_id, status, experiment = runs[0]
+    assert len(runs) == 2                                     # the training and the pseudo-label retraining
+    con = sqlite3.connect(project / "mlflow.db")
+    stage = dict(con.execute("select run_uuid, value from tags where key = 'stage'").fetchall())
+    con.close()
+    assert sorted(stage.values()) == ["evaluate", "retrain"] or sorted(stage.values()) == ["retrain", "train"]
+    run_id, status, experiment = next(r for r in runs if stage[r[0]] != "retrain")
     assert status == "FINISHED" and experiment == "simformer-synthetic-split1"
     keys = metric_keys(project, run_id)
     assert {"loss", "loss_ce", "loss_sim", "mIoU", "mIoU_novel", "hIoU"} <= keys
@@ -141,7 +151,7 @@ def test_exp_run_reruns_only_loss_readers(project: Path):
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'report'" in out
     assert "Running stage 'download'" not in out and "Running stage 'prepare'" not in out
     runs = mlflow_runs(project)
-    assert len(runs) == 2 and all(s == "FINISHED" for _, s, _ in runs)
+    assert len(runs) == 4 and all(s == "FINISHED" for _, s, _ in runs)
 
 
 def test_bad_params_fail_before_work(tmp_path: Path):

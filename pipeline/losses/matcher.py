@@ -5,7 +5,8 @@ Novel target cost = w_cls * (-p(class))            (no mask: image-level label o
 
 Costs for the whole batch are computed in one pass on the model's device (all targets of
 all images concatenated), moved to the CPU once, and split per image for scipy's
-``linear_sum_assignment``.
+``linear_sum_assignment``. As in MaskFormer, mask costs are computed at the resolution of
+the predicted masks (stride 4): target masks are downsampled (nearest) to it.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ class HungarianMatcher(nn.Module):
         base_masks = [t["masks"] for t in targets if t["masks"].shape[0] > 0]
         if base_masks:
             tgt = torch.cat(base_masks).to(pred_masks.device, torch.float32)   # T_base_all x H x W
-            pm = F.interpolate(pred_masks.float(), size=tgt.shape[-2:], mode="bilinear", align_corners=False)
-            pm = pm.flatten(0, 1).flatten(1)                          # BQ x HW
+            tgt = F.interpolate(tgt[:, None], size=pred_masks.shape[-2:], mode="nearest")[:, 0]
+            pm = pred_masks.float().flatten(0, 1).flatten(1)          # BQ x hw
             tgt = tgt.flatten(1)
             mask_cost = (self.cost_focal * pairwise_sigmoid_focal_cost(pm, tgt, self.alpha, self.gamma)
                          + self.cost_dice * pairwise_dice_cost(pm, tgt))

@@ -1,0 +1,84 @@
+"""DVC stage `retrain` (optional, pseudo.enabled): pseudo-label the training set with the
+trained model (base pixels from ground truth, novel pixels whose predicted class is in the
+image's labels, the rest ignored), retrain fully supervised on those labels, and evaluate
+that model like the first. With pseudo.enabled false it only records that it is off."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages._common import load_params, parser, run
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--model", type=Path, required=True, help="trained model (train stage output)")
+    ap.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset folder")
+    ap.add_argument("--split-dir", type=Path, required=True, help="split folder")
+    ap.add_argument("--out", type=Path, required=True, help="folder for pseudo labels, checkpoint and retrained model")
+    ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON of the retrained model")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = ap.parse_args()
+    p, params_text = load_params(args.params)
+
+    from pipeline.io import write_json
+    if not p.pseudo.enabled:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.metrics, {"enabled": False})
+        print("pseudo-label retraining is off (pseudo.enabled: false)")
+        return
+
+    import pandas as pd
+
+    from pipeline.config import flatten, to_dict
+    from pipeline.engine.evaluate import evaluate, load_trained
+    from pipeline.engine.metrics import compute_metrics, metrics_to_json
+    from pipeline.engine.pseudo import label_training_set, retrain_hash, retrain_params
+    from pipeline.engine.train import export_model, resolve_device, train
+    from pipeline.io import atomic_path
+
+    split = json.loads((args.split_dir / "split.json").read_text())
+    index = json.loads((args.split_dir / "index.json").read_text())
+    device = resolve_device(p.train.device)
+    model, _, _ = load_trained(args.model, device)
+    labels = args.out / "labels"
+    stats = label_training_set(model, args.dataset_dir, index, split, labels, device, p.data.test_short_edge,
+                               p.data.test_max_edge, progress=not args.no_progress)
+    print(f"pseudo labels: {stats['novel_pixels']} novel pixels, {stats['novel_precision']:.1f}% agree with ground truth")
+    rp = retrain_params(p)
+    tracker = None
+    if not args.no_mlflow:
+        from pipeline import tracking
+        tracker = tracking.RunTracker(tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split))
+        phash = retrain_hash(p)
+        tracker.start(phash, f"{p.data.dataset}-split{p.data.split}-retrain-{phash[:8]}", flatten(to_dict(rp)),
+                      params_text, tags={"stage": "retrain", "pseudo_labels": "true"})
+        tracker.log_metrics({f"pseudo_{k}": v for k, v in stats.items()})
+    try:
+        on_log = (lambda s, rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=s)) \
+            if tracker else None
+        model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt", on_log=on_log,
+                           label_root=labels, progress=not args.no_progress)
+        export_model(model, rp, split, args.out / "model.pt")
+        with atomic_path(args.out / "curve.csv") as tmp:
+            pd.DataFrame(out.history).to_csv(tmp, index=False)
+        conf = evaluate(model.eval(), args.dataset_dir, index["test"], split["num_classes"], device,
+                        p.data.test_short_edge, p.data.test_max_edge, p.eval.max_images,
+                        progress=not args.no_progress)
+        metrics = compute_metrics(conf, split["base"], split["novel"], split["class_names"])
+        metrics.pop("per_class")
+        write_json(args.metrics, metrics_to_json({"enabled": True, **metrics,
+                                                  "pseudo_novel_precision": stats["novel_precision"]}))
+        if tracker:
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            tracker.log_artifact(args.out / "model.pt", "model")
+            tracker.finish("FINISHED")
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    print("retrained: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")))
+
+
+if __name__ == "__main__":
+    run(main)
