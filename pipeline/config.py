@@ -122,6 +122,12 @@ class TrainConfig:
     clip_grad_norm: float = _spec(0.01, lo=0.0, help="global L2 gradient clip; 0 = off")
     device: str = _spec("auto", choices=DEVICES)
     amp: bool = _spec(True, help="mixed precision (bf16) when on CUDA")
+    channels_last: bool = _spec(True, help="model and input images in channels_last memory format (CUDA only; "
+                                           "faster bf16 convolutions)")
+    tf32: bool = _spec(True, help="TF32 matmuls and cuDNN convolutions for fp32 work (CUDA only)")
+    fused_adamw: bool = _spec(True, help="fused AdamW optimizer kernel (CUDA only)")
+    compile: bool = _spec(False, help="torch.compile the model (any device; slow first steps, pays off on "
+                                      "long runs)")
     workers: int = _spec(0, lo=0, help="DataLoader worker processes")
     checkpoint_interval: int = _spec(100, lo=1, help="steps between checkpoints")
     log_interval: int = _spec(10, lo=1, help="steps between logged losses")

@@ -426,3 +426,36 @@ class RunTracker:
                     raise
                 log.exception("could not mark MLflow run %s %s", self.run_id, status)
         return False
+
+
+def sync_grid(root: str | os.PathLike, experiment: str, grid_id: str, grid_params: Mapping[str, Any],
+              cells: list[dict], params_yaml_text: str, artifacts: Iterable[str | os.PathLike] = ()) -> dict:
+    """One parent run per ablation grid, one child run per cell.
+
+    ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat`` and ``metrics``.
+    Each cell's run is looked up by its params hash (the cell stage's own run, or the main
+    training's for the shared cell); a cell restored by a DVC run-cache hit has none in
+    this store, so it is created here from the cell's saved metrics. Running again finds
+    every run and creates nothing. Returns ``{"parent": run_id, "children": {key: run_id}}``.
+    """
+    parent = RunTracker(root, experiment)
+    parent.start(f"grid-{grid_id}", f"ablation-grid-{grid_id[:8]}", grid_params, params_yaml_text,
+                 tags={"role": "ablation_grid", "grid_id": grid_id}, include_finished=True)
+    children = {}
+    for cell in cells:
+        tr = RunTracker(root, experiment)
+        tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "mlflow.parentRunId": parent.run_id,
+                "grid_id": grid_id}
+        tr.start(cell["params_hash"], f"{cell['variant']}-seed{cell['seed']}-{cell['params_hash'][:8]}",
+                 cell["params_flat"], params_yaml_text, tags={**tags, "stage": "ablate"}, include_finished=True)
+        tr.set_tags(tags)
+        if not tr.resumed:      # created here: a run-cache hit left this cell without a run
+            tr.log_metrics({k: v for k, v in cell["metrics"].items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tr.set_tags({"restored_from": "dvc_run_cache"})
+        tr.finish("FINISHED")
+        children[f"{cell['variant']}-{cell['seed']}"] = tr.run_id
+    for path in artifacts:
+        parent.log_artifact(path, "report")
+    parent.finish("FINISHED")
+    return {"parent": parent.run_id, "children": children}

@@ -26,6 +26,16 @@ def parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
 
 def load_params(path: Path) -> tuple[Params, str]:
     """Validated params and the file's text (logged whole to MLflow)."""
+    p, text, _ = load_params_raw(path)
+    return p, text
+
+
+def load_params_raw(path: Path) -> tuple[Params, str, dict]:
+    """Validated params, the file's text and the parsed mapping.
+
+    Every group is validated here, before any work: the typed groups and the ablation
+    grid, including every variant's overrides.
+    """
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -36,7 +46,14 @@ def load_params(path: Path) -> tuple[Params, str]:
         raise ConfigError(f"params file '{path}' is not valid YAML: {e}") from e
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"params file '{path}': expected a mapping of params groups at the top level")
-    return build_params(raw), text
+    raw = raw or {}
+    params = build_params(raw)
+    if "ablation" in raw:
+        from pipeline.ablation import cell_params, parse_ablation
+        grid = parse_ablation(raw["ablation"])
+        for variant in grid.variants:
+            cell_params(raw, grid, variant, grid.seeds[0])
+    return params, text, raw
 
 
 def run(main: Callable[[], None]) -> None:
@@ -54,3 +71,52 @@ def run(main: Callable[[], None]) -> None:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON input of a stage, with an error naming the file and the stage that makes it."""
+    import json
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{path}' is missing: run the stage that produces it first (dvc repro)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
+
+
+def write_eval_outputs(metrics_path: Path, per_class_path: Path, summary: dict, per_class: list[dict]) -> None:
+    import pandas as pd
+
+    from pipeline.engine.metrics import metrics_to_json
+    from pipeline.io import atomic_path, write_json
+    write_json(metrics_path, metrics_to_json(summary))
+    with atomic_path(per_class_path) as tmp:
+        pd.DataFrame(per_class).to_csv(tmp, index=False)
+
+
+def write_curve(path: Path, history: list[dict]) -> None:
+    import pandas as pd
+
+    from pipeline.io import atomic_path
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def open_tracker(p: Params, params_text: str, tags: dict, run_name: str, phash: str | None = None,
+                 include_finished: bool = False):
+    """Start (or resume, by params hash) this config's MLflow run; fails before any work when the
+    store cannot be opened."""
+    from pipeline import tracking
+    from pipeline.config import flatten, params_hash, to_dict
+    tracker = tracking.RunTracker(tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split))
+    phash = phash or params_hash(p)
+    tracker.start(phash, run_name, flatten(to_dict(p)), params_text, tags=tags, resume=True,
+                  include_finished=include_finished)
+    return tracker
+
+
+def step_logger(tracker):
+    """``on_log`` callback of the training loop that forwards a step's record to MLflow."""
+    if tracker is None:
+        return None
+    return lambda step, rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)

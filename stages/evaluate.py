@@ -3,10 +3,9 @@
 to a CSV, and the metrics logged to the training run in MLflow."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from stages._common import load_params, parser, run
+from stages._common import load_params, open_tracker, parser, read_json, run, write_eval_outputs
 
 
 def main() -> None:
@@ -22,43 +21,33 @@ def main() -> None:
     p, params_text = load_params(args.params)
 
     import numpy as np
-    import pandas as pd
 
-    from pipeline.engine.evaluate import evaluate, load_trained
-    from pipeline.engine.metrics import compute_metrics, metrics_to_json
+    from pipeline.config import params_hash
+    from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.train import resolve_device
-    from pipeline.io import atomic_path, write_json
+    from pipeline.io import atomic_path
 
     device = resolve_device(p.eval.device)
     model, trained_p, split = load_trained(args.model, device)
-    index = json.loads((args.split_dir / "index.json").read_text())
-    conf = evaluate(model, args.dataset_dir, index["test"], split["num_classes"], device,
-                    p.data.test_short_edge, p.data.test_max_edge, p.eval.max_images, progress=not args.no_progress)
-    metrics = compute_metrics(conf, split["base"], split["novel"], split["class_names"])
-    per_class = metrics.pop("per_class")
-    summary = {"dataset": split["dataset"], "split": split["split"], **metrics}
-    write_json(args.metrics, metrics_to_json(summary))
-    with atomic_path(args.per_class) as tmp:
-        pd.DataFrame(per_class).to_csv(tmp, index=False)
+    index = read_json(args.split_dir / "index.json")
+    summary, per_class, conf = evaluate_model(model, args.dataset_dir, index, split, p, device,
+                                              progress=not args.no_progress)
+    write_eval_outputs(args.metrics, args.per_class, summary, per_class)
     with atomic_path(args.confusion) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, conf)
     if not args.no_mlflow:
-        from pipeline import tracking
-        from pipeline.config import flatten, params_hash, to_dict
-        tracker = tracking.RunTracker(tracking.store_root(),
-                                      tracking.experiment_name(trained_p.data.dataset, trained_p.data.split))
-        # Resumes the training run (found by params hash); after a DVC run-cache hit there is
+        # Logs onto the training run (found by params hash); after a DVC run-cache hit there is
         # none in this store, so one is created with the same params and tags.
         phash = params_hash(trained_p)
-        tracker.start(phash, f"{trained_p.data.dataset}-split{trained_p.data.split}-{phash[:8]}",
-                      flatten(to_dict(trained_p)), params_text, tags={"stage": "evaluate"}, resume=True,
-                      include_finished=True)
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracker = open_tracker(trained_p, params_text, {"stage": "evaluate"},
+                               f"{trained_p.data.dataset}-split{trained_p.data.split}-{phash[:8]}",
+                               include_finished=True)
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         for path in (args.metrics, args.per_class):
             tracker.log_artifact(path, "eval")
         tracker.finish("FINISHED")
-    print("  ".join(f"{k} {metrics[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc")))
+    print("  ".join(f"{k} {summary[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc")))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ image's labels, the rest ignored), retrain fully supervised on those labels, and
 that model like the first. With pseudo.enabled false it only records that it is off."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from stages._common import load_params, parser, run
+from stages._common import load_params, open_tracker, parser, read_json, run, step_logger, write_curve
 
 
 def main() -> None:
@@ -21,6 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     p, params_text = load_params(args.params)
 
+    from pipeline.engine.metrics import metrics_to_json
     from pipeline.io import write_json
     if not p.pseudo.enabled:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -28,45 +28,33 @@ def main() -> None:
         print("pseudo-label retraining is off (pseudo.enabled: false)")
         return
 
-    import pandas as pd
-
-    from pipeline.config import flatten, to_dict
-    from pipeline.engine.evaluate import evaluate, load_trained
-    from pipeline.engine.metrics import compute_metrics, metrics_to_json
+    from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.pseudo import label_training_set, retrain_hash, retrain_params
     from pipeline.engine.train import export_model, resolve_device, train
-    from pipeline.io import atomic_path
 
-    split = json.loads((args.split_dir / "split.json").read_text())
-    index = json.loads((args.split_dir / "index.json").read_text())
+    split = read_json(args.split_dir / "split.json")
+    index = read_json(args.split_dir / "index.json")
     device = resolve_device(p.train.device)
     model, _, _ = load_trained(args.model, device)
     labels = args.out / "labels"
     stats = label_training_set(model, args.dataset_dir, index, split, labels, device, p.data.test_short_edge,
                                p.data.test_max_edge, progress=not args.no_progress)
-    print(f"pseudo labels: {stats['novel_pixels']} novel pixels, {stats['novel_precision']:.1f}% agree with ground truth")
+    print(f"pseudo labels: {stats['novel_pixels']} novel pixels, "
+          f"{stats['novel_precision']:.1f}% agree with ground truth")
     rp = retrain_params(p)
-    tracker = None
-    if not args.no_mlflow:
-        from pipeline import tracking
-        tracker = tracking.RunTracker(tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split))
-        phash = retrain_hash(p)
-        tracker.start(phash, f"{p.data.dataset}-split{p.data.split}-retrain-{phash[:8]}", flatten(to_dict(rp)),
-                      params_text, tags={"stage": "retrain", "pseudo_labels": "true"})
-        tracker.log_metrics({f"pseudo_{k}": v for k, v in stats.items()})
+    phash = retrain_hash(p)
+    tracker = None if args.no_mlflow else open_tracker(
+        rp, params_text, {"stage": "retrain", "pseudo_labels": "true"},
+        f"{p.data.dataset}-split{p.data.split}-retrain-{phash[:8]}", phash=phash)
     try:
-        on_log = (lambda s, rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=s)) \
-            if tracker else None
-        model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt", on_log=on_log,
-                           label_root=labels, progress=not args.no_progress)
-        export_model(model, rp, split, args.out / "model.pt")
-        with atomic_path(args.out / "curve.csv") as tmp:
-            pd.DataFrame(out.history).to_csv(tmp, index=False)
-        conf = evaluate(model.eval(), args.dataset_dir, index["test"], split["num_classes"], device,
-                        p.data.test_short_edge, p.data.test_max_edge, p.eval.max_images,
-                        progress=not args.no_progress)
-        metrics = compute_metrics(conf, split["base"], split["novel"], split["class_names"])
-        metrics.pop("per_class")
+        if tracker:
+            tracker.log_metrics({f"pseudo_{k}": v for k, v in stats.items()})
+        model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
+                           on_log=step_logger(tracker), label_root=labels, progress=not args.no_progress)
+        export_model(model, rp, split, args.out / "model.pt", out.history)
+        write_curve(args.out / "curve.csv", out.history)
+        metrics, _, _ = evaluate_model(model.eval(), args.dataset_dir, index, split, p, device,
+                                       progress=not args.no_progress)
         write_json(args.metrics, metrics_to_json({"enabled": True, **metrics,
                                                   "pseudo_novel_precision": stats["novel_precision"]}))
         if tracker:

@@ -7,10 +7,9 @@ found through $DVC_ROOT under `dvc exp run`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from stages._common import load_params, parser, run
+from stages._common import load_params, open_tracker, parser, read_json, run, step_logger, write_curve
 
 
 def main() -> None:
@@ -21,37 +20,23 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV to write")
-    ap.add_argument("--labels", type=Path, default=None, help="read training labels from this folder (pseudo labels)")
     ap.add_argument("--run-name", default=None, help="MLflow run name (default: dataset-split-hash)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     p, params_text = load_params(args.params)
+    split = read_json(args.split_dir / "split.json")
+    index = read_json(args.split_dir / "index.json")
 
-    import pandas as pd
-
-    from pipeline.config import flatten, params_hash, to_dict
+    from pipeline.config import params_hash
     from pipeline.engine.train import export_model, train
-    from pipeline.io import atomic_path
 
-    split = _read_json(args.split_dir / "split.json")
-    index = _read_json(args.split_dir / "index.json")
-    tracker = None
-    if not args.no_mlflow:
-        from pipeline import tracking
-        tracker = tracking.RunTracker(tracking.store_root(),
-                                      tracking.experiment_name(p.data.dataset, p.data.split))
-        phash = params_hash(p)
-        tracker.start(phash, args.run_name or f"{p.data.dataset}-split{p.data.split}-{phash[:8]}",
-                      flatten(to_dict(p)), params_text,
-                      tags={"stage": "train", "pseudo_labels": str(args.labels is not None).lower()})
+    run_name = args.run_name or f"{p.data.dataset}-split{p.data.split}-{params_hash(p)[:8]}"
+    tracker = None if args.no_mlflow else open_tracker(p, params_text, {"stage": "train"}, run_name)
     try:
-        on_log = (lambda step, rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)) \
-            if tracker else None
-        model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=on_log,
-                           label_root=args.labels, progress=not args.no_progress)
-        export_model(model, p, split, args.model)
-        with atomic_path(args.curve) as tmp:
-            pd.DataFrame(out.history).to_csv(tmp, index=False)
+        model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
+                           progress=not args.no_progress)
+        export_model(model, p, split, args.model, out.history)
+        write_curve(args.curve, out.history)
         if tracker:
             tracker.log_artifact(args.model, "model")
             tracker.finish("FINISHED")
@@ -62,15 +47,6 @@ def main() -> None:
     last = out.history[-1] if out.history else {}
     print(f"trained {out.steps} steps (resumed from {out.resumed_from}) in {out.seconds:.0f}s; "
           f"final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"'{path}' is missing: run the prepare stage first (dvc repro prepare)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
 
 
 if __name__ == "__main__":

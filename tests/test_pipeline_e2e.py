@@ -25,6 +25,10 @@ TINY = {
     "train": {"iterations": 4, "batch_size": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1},
     "pseudo": {"enabled": True, "iterations": 2},
 }
+# Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training.
+TINY_ABLATION = {"seeds": [3, 4], "iterations": 0,
+                 "variants": {"baseline": {"loss": {"comp_weight": 0.0, "sim_weight": 0.0, "pp_weight": 0.0}},
+                              "full": {}}}
 
 
 def tiny_params() -> dict:
@@ -35,6 +39,7 @@ def tiny_params() -> dict:
                 p[group][k].update(v)
             else:
                 p[group][k] = v
+    p["ablation"] = TINY_ABLATION
     return p
 
 
@@ -74,10 +79,24 @@ def mlflow_runs(project: Path) -> list[tuple]:
     con = sqlite3.connect(project / "mlflow.db")
     try:
         return con.execute(
-            "select r.run_uuid, r.status, e.name from runs r join experiments e on r.experiment_id = e.experiment_id"
-        ).fetchall()
+            "select r.run_uuid, r.status, e.name from runs r join experiments e on r.experiment_id = e.experiment_id "
+            "where r.lifecycle_stage = 'active'").fetchall()
     finally:
         con.close()
+
+
+def run_tags(project: Path) -> dict[str, dict[str, str]]:
+    """run id -> tags, for runs not deleted."""
+    con = sqlite3.connect(project / "mlflow.db")
+    try:
+        rows = con.execute("select t.run_uuid, t.key, t.value from tags t join runs r on r.run_uuid = t.run_uuid "
+                           "where r.lifecycle_stage = 'active'").fetchall()
+    finally:
+        con.close()
+    out: dict[str, dict[str, str]] = {}
+    for run_id, k, v in rows:
+        out.setdefault(run_id, {})[k] = v
+    return out
 
 
 def metric_keys(project: Path, run_id: str) -> set[str]:
@@ -121,28 +140,61 @@ def test_repro_writes_every_output(project: Path):
     labels = sorted((project / "data" / "retrain" / "labels" / "annotations_detectron2" / "train").glob("*.png"))
     assert len(labels) == 16
     assert "## Pseudo-label retraining" in report
+    ablation = (project / "reports" / "ablation.md").read_text()
+    cells = {c.name: json.loads((c / "cell.json").read_text()) for c in (project / "data" / "ablation").iterdir()}
+    assert sorted(cells) == ["baseline-3", "baseline-4", "full-3", "full-4"]
+    assert cells["full-3"]["shared_with_main"] is True and not (project / "data/ablation/full-3/model.pt").exists()
+    assert cells["full-4"]["shared_with_main"] is False
+    full3 = json.loads((project / "data" / "ablation" / "full-3" / "metrics.json").read_text())
+    assert full3["mIoU"] == pytest.approx(metrics["mIoU"])           # the same model, evaluated again
+    assert "baseline" in ablation and "full" in ablation and " ± " in ablation
+    html = (project / "reports" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
 
 
-def test_mlflow_run_has_params_losses_metrics_and_model(project: Path):
-    runs = mlflow_runs(project)
-    assert len(runs) == 2                                     # the training and the pseudo-label retraining
+def test_mlflow_runs_parent_and_children(project: Path):
+    tags = run_tags(project)
+    by_stage = {}
+    for run_id, t in tags.items():
+        by_stage.setdefault(t.get("role") or t.get("stage"), []).append(run_id)
+    # main training (evaluate logs onto it; it is also the shared cell full-3), retraining,
+    # the grid's parent and the three cells that trained.
+    assert sorted((k, len(v)) for k, v in by_stage.items()) == [
+        ("ablate", 3), ("ablation_grid", 1), ("retrain", 1), ("train", 1)]
+    parent = by_stage["ablation_grid"][0]
+    children = {f"{t['variant']}-{t['seed']}": r for r, t in tags.items() if t.get("mlflow.parentRunId") == parent}
+    assert sorted(children) == ["baseline-3", "baseline-4", "full-3", "full-4"]
+    main_run = by_stage["train"][0]
+    assert children["full-3"] == main_run
+    keys = metric_keys(project, main_run)
+    assert {"loss", "loss_ce", "loss_sim", "loss_pp", "loss_comp", "mIoU", "mIoU_novel", "hIoU"} <= keys
     con = sqlite3.connect(project / "mlflow.db")
-    stage = dict(con.execute("select run_uuid, value from tags where key = 'stage'").fetchall())
+    params = dict(con.execute("select key, value from params where run_uuid = ?", (main_run,)).fetchall())
+    status = dict(con.execute("select run_uuid, status from runs").fetchall())
     con.close()
-    assert sorted(stage.values()) == ["evaluate", "retrain"] or sorted(stage.values()) == ["retrain", "train"]
-    run_id, status, experiment = next(r for r in runs if stage[r[0]] != "retrain")
-    assert status == "FINISHED" and experiment == "simformer-synthetic-split1"
-    keys = metric_keys(project, run_id)
-    assert {"loss", "loss_ce", "loss_sim", "mIoU", "mIoU_novel", "hIoU"} <= keys
-    con = sqlite3.connect(project / "mlflow.db")
-    params = dict(con.execute("select key, value from params where run_uuid = ?", (run_id,)).fetchall())
-    tags = dict(con.execute("select key, value from tags where run_uuid = ?", (run_id,)).fetchall())
-    con.close()
+    assert all(status[r] == "FINISHED" for r in tags)
     assert params["loss.pp_weight"] == "0.3" and params["train.iterations"] == "4"
-    assert len(tags["git_commit"]) == 40 and len(tags["params_hash"]) == 16
-    artifacts = list((project / "mlartifacts").rglob("*"))
-    names = {a.name for a in artifacts}
-    assert {"model.pt", "params.yaml", "metrics.json"} <= names
+    assert len(tags[main_run]["git_commit"]) == 40 and len(tags[main_run]["params_hash"]) == 16
+    names = {a.name for a in (project / "mlartifacts").rglob("*")}
+    assert {"model.pt", "params.yaml", "metrics.json", "report.html", "ablation.md"} <= names
+
+
+def test_run_cache_hit_leaves_no_cell_missing_and_no_duplicate(project: Path):
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    tags = run_tags(project)
+    lost = [r for r, t in tags.items() if t.get("variant") == "baseline"]
+    for r in lost:                 # as if their outputs came from DVC's run cache on another machine
+        client.delete_run(r)
+    before = len(mlflow_runs(project))
+    dvc(project, "repro", "-f", "-s", "report")
+    tags = run_tags(project)
+    restored = [r for r, t in tags.items() if t.get("restored_from") == "dvc_run_cache"]
+    assert len(restored) == 2 and len(mlflow_runs(project)) == before + 2
+    assert {tags[r]["variant"] for r in restored} == {"baseline"}
+    assert "mIoU_novel" in metric_keys(project, restored[0])
+    dvc(project, "repro", "-f", "-s", "report")
+    assert len(mlflow_runs(project)) == before + 2                  # found by params hash: nothing added
 
 
 def test_exp_run_reruns_only_loss_readers(project: Path):
@@ -150,8 +202,12 @@ def test_exp_run_reruns_only_loss_readers(project: Path):
     out = r.stdout + r.stderr
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'report'" in out
     assert "Running stage 'download'" not in out and "Running stage 'prepare'" not in out
-    runs = mlflow_runs(project)
-    assert len(runs) == 4 and all(s == "FINISHED" for _, s, _ in runs)
+    assert "Running stage 'ablate@full-4'" in out
+    tags = run_tags(project)
+    parents = [r for r, t in tags.items() if t.get("role") == "ablation_grid"]
+    assert len(parents) == 2                                         # one per grid
+    # baseline cells have pp_weight 0 either way: same params hash, same runs, no duplicates
+    assert len([r for r, t in tags.items() if t.get("variant") == "baseline"]) == 2
 
 
 def test_bad_params_fail_before_work(tmp_path: Path):

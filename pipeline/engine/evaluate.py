@@ -60,3 +60,17 @@ def evaluate(model: torch.nn.Module, dataset_dir: str | Path, entries: list[dict
         if on_prediction is not None:
             on_prediction(item["name"], pred.numpy(), gt.numpy())
     return conf.matrix
+
+
+def evaluate_model(model: torch.nn.Module, dataset_dir: str | Path, index: dict, split: dict, p: Params,
+                   device: torch.device, progress: bool = True) -> tuple[dict, list[dict], np.ndarray]:
+    """Evaluate on the test split with ``p``'s test-time settings.
+
+    Returns (summary metrics with dataset and split, per-class rows, confusion matrix).
+    """
+    from .metrics import compute_metrics
+    conf = evaluate(model, dataset_dir, index["test"], split["num_classes"], device, p.data.test_short_edge,
+                    p.data.test_max_edge, p.eval.max_images, progress=progress)
+    metrics = compute_metrics(conf, split["base"], split["novel"], split["class_names"])
+    per_class = metrics.pop("per_class")
+    return {"dataset": split["dataset"], "split": split["split"], **metrics}, per_class, conf

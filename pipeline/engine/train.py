@@ -1,13 +1,18 @@
 """The training loop: AdamW with a backbone lr multiplier, poly schedule, global gradient
 clipping, bf16 autocast on CUDA, atomic checkpoints with RNG states, exact resume.
 
+CUDA fast paths (``train.amp``, ``channels_last``, ``tf32``, ``fused_adamw``; see
+:class:`FastPath`) apply on CUDA only and are no-ops on the CPU; ``train.compile`` applies
+on any device. One training step is :func:`train_step`, shared with the benchmark
+(``pipeline/engine/benchmark.py``), which times its phases through the ``mark`` hook.
+
 Nothing here imports MLflow: the caller passes ``on_log(step, metrics)`` and
 ``on_checkpoint(path)`` callbacks.
 """
 from __future__ import annotations
 
-import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Params, params_hash, to_dict
+from ..config import Params, TrainConfig, params_hash, to_dict
 from ..data.dataset import TrainCrops, collate_train, worker_init
 from ..data.sampler import PairBatchSampler, RandomBatchSampler
 from ..data.targets import weak_shot_targets
@@ -65,6 +70,141 @@ def param_groups(model: torch.nn.Module, criterion: torch.nn.Module, lr: float, 
     return [{"params": v, "lr": k[0], "weight_decay": k[1]} for k, v in groups.items()]
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """The speed switches in effect for one run (``train.*`` resolved for the device)."""
+    amp: bool = False            # bf16 autocast of the model forward
+    channels_last: bool = False  # model weights and input images in channels_last
+    tf32: bool = False           # TF32 matmuls / cuDNN convolutions
+    fused_adamw: bool = False    # AdamW(fused=True)
+    compile: bool = False        # torch.compile(model)
+
+    @classmethod
+    def resolve(cls, t: TrainConfig, device: torch.device) -> "FastPath":
+        cuda = device.type == "cuda"
+        return cls(amp=t.amp and cuda, channels_last=t.channels_last and cuda, tf32=t.tf32 and cuda,
+                   fused_adamw=t.fused_adamw and cuda, compile=t.compile)
+
+    @staticmethod
+    def not_applied(t: TrainConfig, device: torch.device) -> list[str]:
+        """The switches that are on in ``t`` but do not apply on ``device``."""
+        if device.type == "cuda":
+            return []
+        return [k for k in ("amp", "channels_last", "tf32", "fused_adamw") if getattr(t, k)]
+
+
+def apply_backend_flags(fast: FastPath, device: torch.device) -> None:
+    """Set the process-wide TF32 switches to ``fast.tf32`` on CUDA (explicitly, both ways)."""
+    if device.type != "cuda":
+        return
+    with warnings.catch_warnings():          # newer torch prefers fp32_precision; same effect
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32 = fast.tf32
+        torch.backends.cudnn.allow_tf32 = fast.tf32
+
+
+def prepare_model(model: torch.nn.Module, fast: FastPath) -> Callable:
+    """Apply channels_last in place; return the callable that runs the forward pass (the
+    compiled module when ``fast.compile``; ``model`` itself keeps the state_dict keys)."""
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if fast.compile else model
+
+
+def build_optimizer(p: Params, model: torch.nn.Module, criterion: torch.nn.Module,
+                    fast: FastPath) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    t = p.train
+    kw = {"fused": True} if fast.fused_adamw else {}
+    opt = torch.optim.AdamW(param_groups(model, criterion, t.lr, t.weight_decay, t.backbone_lr_mult),
+                            lr=t.lr, weight_decay=t.weight_decay, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / t.iterations) ** t.poly_power)
+    return opt, sched
+
+
+def build_train_loader(p: Params, dataset_dir: str | Path, index: dict, start: int, stop: int,
+                       device: torch.device, label_root: str | Path | None = None) -> DataLoader:
+    """The training DataLoader for steps ``start .. stop - 1``: pinned memory on CUDA,
+    persistent workers with prefetching, OpenCV threads off in the workers."""
+    t = p.train
+    train_entries = index["train"]
+    usable = [i for i, e in enumerate(train_entries) if e["usable"]]
+    if not usable:
+        raise ValueError("the training split has no usable images (index.json 'train' has none marked usable)")
+    if t.pair_sampling:
+        sampler = PairBatchSampler(index["class_to_images"], usable, t.batch_size, p.base.seed)
+    else:
+        sampler = RandomBatchSampler(usable, t.batch_size, p.base.seed)
+    data = TrainCrops(dataset_dir, train_entries, p.data.crop_size, (p.data.scale_min, p.data.scale_max),
+                      p.base.seed, label_root)
+    # Own generator: iter(loader) would otherwise draw its base seed from the global RNG, which a
+    # resumed run restores from the checkpoint just before - the dropout stream would shift (inexact resume).
+    return DataLoader(data, batch_sampler=_KeyedBatches(sampler, start, stop), num_workers=t.workers,
+                      collate_fn=collate_train, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                      persistent_workers=t.workers > 0, prefetch_factor=4 if t.workers > 0 else None,
+                      generator=torch.Generator().manual_seed(p.base.seed))
+
+
+def _no_mark(_: str) -> None:
+    pass
+
+
+def _float_outputs(x):
+    """The model's outputs with every reduced-precision floating tensor cast to fp32."""
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+    if isinstance(x, dict):
+        return {k: _float_outputs(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float_outputs(v) for v in x)
+    return x
+
+
+def train_step(forward: Callable, criterion: SetCriterion, opt: torch.optim.Optimizer, sched, batch: dict,
+               p: Params, step: int, device: torch.device, fast: FastPath, base_ids: torch.Tensor,
+               novel_ids: torch.Tensor, mark: Callable[[str], None] | None = None,
+               nonfinite_hint: str = "") -> tuple[torch.Tensor, dict]:
+    """One optimisation step on ``batch``; returns (weighted total loss, named losses).
+
+    ``mark(phase)`` is called at the end of each phase: ``transfer`` (host-to-device copy and
+    targets), ``forward``, ``match_loss`` (matching and every loss), ``backward``, ``optimizer``.
+    """
+    mark = mark or _no_mark
+    images = batch["image"].to(device, non_blocking=True)
+    images = images.to(dtype=torch.float32,
+                       memory_format=torch.channels_last if fast.channels_last else torch.preserve_format)
+    sem_seg = batch["sem_seg"].to(device, non_blocking=True)
+    valid = batch["valid"].to(device, non_blocking=True)
+    targets = weak_shot_targets(sem_seg, valid, base_ids, novel_ids, p.loss.oracle)
+    # Point sampling draws from a CPU generator seeded per step: same points on any device, exact resume.
+    gen = torch.Generator().manual_seed(p.base.seed * 1_000_003 + step)
+    mark("transfer")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast.amp):
+        outputs = forward(images)
+    if fast.amp:            # matching and losses run outside autocast, in fp32 (SimNet's weights are fp32)
+        outputs = _float_outputs(outputs)
+    mark("forward")
+    losses = criterion(outputs, targets, gen)
+    loss = criterion.total(losses)
+    if losses:                                  # one CPU-GPU sync for the whole finiteness check
+        names = list(losses)
+        finite = torch.isfinite(torch.stack([v.detach().float() for v in losses.values()]))
+        if not bool(finite.all()):
+            name = names[int((~finite).nonzero()[0, 0])]
+            # step + 1: numbered like the training curve and checkpoints (steps done after this one)
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {name} = {losses[name].item()}"
+                                     + nonfinite_hint)
+    mark("match_loss")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    mark("backward")
+    if p.train.clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], p.train.clip_grad_norm)
+    opt.step()
+    sched.step()
+    mark("optimizer")
+    return loss, losses
+
+
 class _KeyedBatches:
     """Adapts a per-step batch sampler to yield ``(index, step, slot)`` keys for ``TrainCrops``."""
 
@@ -102,11 +242,12 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         torch.set_num_threads(t.threads)
     num_classes = split["num_classes"]
     torch.manual_seed(p.base.seed)
+    fast = FastPath.resolve(t, device)
+    apply_backend_flags(fast, device)
     model = build_model(p.model, num_classes, _backbone_state(p)).to(device)
     criterion = build_criterion(p, num_classes, split["base"], split["novel"]).to(device)
-    opt = torch.optim.AdamW(param_groups(model, criterion, t.lr, t.weight_decay, t.backbone_lr_mult),
-                            lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / t.iterations) ** t.poly_power)
+    forward = prepare_model(model, fast)
+    opt, sched = build_optimizer(p, model, criterion, fast)
     phash = params_hash(p)
     out = TrainOutputs()
     start = 0
@@ -124,24 +265,17 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
             start = out.resumed_from = int(ck["step"])
             out.history = list(ck["history"])
 
-    train_entries = index["train"]
-    usable = [i for i, e in enumerate(train_entries) if e["usable"]]
-    if not usable:
-        raise ValueError("the training split has no usable images (index.json 'train' has none marked usable)")
-    if t.pair_sampling:
-        sampler = PairBatchSampler(index["class_to_images"], usable, t.batch_size, p.base.seed)
-    else:
-        sampler = RandomBatchSampler(usable, t.batch_size, p.base.seed)
-    data = TrainCrops(dataset_dir, train_entries, p.data.crop_size, (p.data.scale_min, p.data.scale_max),
-                      p.base.seed, label_root)
-    loader = DataLoader(data, batch_sampler=_KeyedBatches(sampler, start, t.iterations), num_workers=t.workers,
-                        collate_fn=collate_train, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                        persistent_workers=t.workers > 0, prefetch_factor=4 if t.workers > 0 else None)
+    loader = build_train_loader(p, dataset_dir, index, start, t.iterations, device, label_root)
     base_ids = torch.tensor(split["base"], dtype=torch.long, device=device)
     novel_ids = torch.tensor(split["novel"], dtype=torch.long, device=device)
-    use_amp = t.amp and device.type == "cuda"
+    hint = f" (last good checkpoint kept at '{ckpt_path}')"
 
     def checkpoint(step: int) -> None:
+        # A finite loss can still come with non-finite gradients: never overwrite the last good checkpoint
+        # with poisoned weights (one check per checkpoint, not per step).
+        if (bad := _first_nonfinite(model, criterion)) is not None:
+            raise NonFiniteLossError(f"non-finite weights after step {step}: {bad} (non-finite gradients?); "
+                                     f"checkpoint not written" + hint)
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(),
@@ -157,34 +291,24 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
     window_t, window_n, running = time.perf_counter(), 0, {}
     step = start
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True).float()
-        sem_seg = batch["sem_seg"].to(device, non_blocking=True)
-        valid = batch["valid"].to(device, non_blocking=True)
-        targets = weak_shot_targets(sem_seg, valid, base_ids, novel_ids, p.loss.oracle)
-        # Point sampling draws from a CPU generator seeded per step: same points on any device, exact resume.
-        gen = torch.Generator().manual_seed(p.base.seed * 1_000_003 + step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = model(images)
-        losses = criterion(outputs, targets, gen)
-        loss = criterion.total(losses)
-        for name, value in losses.items():
-            if not torch.isfinite(value):
-                raise NonFiniteLossError(f"non-finite loss at step {step}: {name} = {value.item()} "
-                                         f"(last good checkpoint kept at '{ckpt_path}')")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], t.clip_grad_norm)
-        opt.step()
-        sched.step()
+        try:
+            loss, losses = train_step(forward, criterion, opt, sched, batch, p, step, device, fast,
+                                      base_ids, novel_ids, nonfinite_hint=hint)
+        except (ValueError, RuntimeError) as e:   # e.g. the matcher on NaN logits: say why, on failure only
+            if isinstance(e, NonFiniteLossError) or (bad := _first_nonfinite(model, criterion)) is None:
+                raise
+            raise NonFiniteLossError(f"non-finite weights at step {step + 1}: {bad} (non-finite gradients at an "
+                                     f"earlier step?); {type(e).__name__}: {e}" + hint) from e
         step += 1
-        window_n += images.shape[0]
+        window_n += batch["image"].shape[0]
+        # Running sums stay on the device (float64); read back once per log interval.
         for k, v in losses.items():
             if not k[-1].isdigit():          # aux-layer terms stay out of the curve
-                running[k] = running.get(k, 0.0) + v.item()
-        running["loss"] = running.get("loss", 0.0) + loss.item()   # CPU-GPU sync point, once per step
+                running[k] = running.get(k, 0.0) + v.detach().double()
+        running["loss"] = running.get("loss", 0.0) + loss.detach().double()
         if step % t.log_interval == 0 or step == t.iterations:
             n = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
+            running = {k: float(v) for k, v in running.items()}      # the CPU-GPU sync point
             dt = time.perf_counter() - window_t
             rec = {"step": step, **{k: v / n for k, v in running.items()},
                    "lr": opt.param_groups[0]["lr"], "images_per_s": window_n / max(dt, 1e-9)}
@@ -201,6 +325,15 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
     return model, out
 
 
+def _first_nonfinite(*modules: torch.nn.Module) -> str | None:
+    """Name of the first floating tensor of ``modules``' state that holds NaN or inf, else None."""
+    for m in modules:
+        for name, v in m.state_dict().items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return name
+    return None
+
+
 def _backbone_state(p: Params):
     if p.model.pretrained == "none":
         return None
@@ -208,11 +341,8 @@ def _backbone_state(p: Params):
     return load_backbone_state_dict(p.model.pretrained, p.model.backbone)
 
 
-def export_model(model: torch.nn.Module, p: Params, split: dict, path: str | Path) -> None:
-    """The trained model as the evaluate stage reads it: weights, params and split."""
+def export_model(model: torch.nn.Module, p: Params, split: dict, path: str | Path,
+                 history: list[dict] | None = None) -> None:
+    """The trained model as the evaluate stage reads it: weights, params, split and training curve."""
     save_checkpoint(path, {"model": model.state_dict(), "params": to_dict(p), "params_hash": params_hash(p),
-                           "split": split, "num_classes": split["num_classes"]})
-
-
-def curve_rows(history: list[dict]) -> list[dict]:
-    return [{k: (v if not (isinstance(v, float) and math.isnan(v)) else "") for k, v in r.items()} for r in history]
+                           "split": split, "num_classes": split["num_classes"], "history": history or []})

@@ -1,0 +1,117 @@
+"""The ablation grid: variants (name -> overrides on top of the main params) x seeds.
+
+``params.yaml``::
+
+    ablation:
+      seeds: [6, 7]
+      iterations: 150          # training iterations of a cell; 0 = train.iterations
+      variants:
+        baseline: {loss: {comp_weight: 0.0, sim_weight: 0.0, pp_weight: 0.0}}
+        full: {}
+
+A cell's params are the main params with the variant's overrides applied, ``base.seed`` set
+to the cell's seed and, when ``iterations`` is not 0, ``train.iterations`` set to it. Every
+override is validated like params.yaml itself, so a typo names the variant and the key.
+A cell whose resolved params equal the main training's reuses that model instead of
+training again (compare :func:`pipeline.config.params_hash`).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .config import ConfigError, Params, build_params, params_hash
+
+REQUIRED_VARIANTS = ("baseline", "+complementary", "+similarity", "full", "oracle")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    seeds: tuple[int, ...]
+    iterations: int
+    variants: dict[str, dict]
+
+    def cells(self) -> list[tuple[str, int]]:
+        """(variant, seed) in the order DVC's matrix expands them: variants outer, seeds inner."""
+        return [(v, s) for v in self.variants for s in self.seeds]
+
+
+def cell_key(variant: str, seed: int) -> str:
+    """The DVC matrix key of a cell: ``<variant>-<seed>`` (also its output folder name)."""
+    return f"{variant}-{seed}"
+
+
+def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
+    """Validate the ``ablation`` group (structure only; overrides are checked by :func:`cell_params`)."""
+    raw = dict(raw or {})
+    allowed = {"seeds", "iterations", "variants"}
+    for k in raw:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f" Did you mean 'ablation.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown params key 'ablation.{k}'.{hint} Allowed keys: {', '.join(sorted(allowed))}")
+    seeds = raw.get("seeds", [6, 7])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            and s >= 0 for s in seeds):
+        raise ConfigError(f"params key 'ablation.seeds': expected a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"params key 'ablation.seeds': {seeds!r} repeats a seed")
+    iterations = raw.get("iterations", 0)
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ConfigError(f"params key 'ablation.iterations': expected an integer >= 0 (0 = train.iterations), "
+                          f"got {iterations!r}")
+    variants = raw.get("variants", {})
+    if not isinstance(variants, Mapping) or not variants:
+        raise ConfigError("params key 'ablation.variants': expected a mapping of variant name -> overrides")
+    for name, ov in variants.items():
+        if not isinstance(name, str) or not name or any(c in name for c in " /\\@"):
+            raise ConfigError(f"params key 'ablation.variants': variant name {name!r} must be a non-empty string "
+                              "without spaces, '/', '\\' or '@'")
+        if ov is not None and not isinstance(ov, Mapping):
+            raise ConfigError(f"params key 'ablation.variants.{name}': expected a mapping of params groups to "
+                              f"overrides (e.g. {{loss: {{comp_weight: 0.0}}}}), got {ov!r}")
+    return Ablation(tuple(seeds), iterations, {k: dict(v or {}) for k, v in variants.items()})
+
+
+def _merge(base: dict, over: Mapping, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping):
+            if k in out and not isinstance(out[k], Mapping):
+                raise ConfigError(f"params key '{where}.{k}': expected a value, got a mapping")
+            out[k] = _merge(out.get(k, {}) or {}, v, f"{where}.{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def cell_params(main_raw: Mapping[str, Any], ablation: Ablation, variant: str, seed: int) -> Params:
+    """The validated params of one grid cell."""
+    if variant not in ablation.variants:
+        raise ConfigError(f"ablation variant '{variant}' is not in ablation.variants; allowed: "
+                          + ", ".join(ablation.variants))
+    main = {k: v for k, v in dict(main_raw).items() if k != "ablation"}
+    try:
+        merged = _merge(main, ablation.variants[variant], "")
+    except ConfigError as e:
+        raise ConfigError(f"ablation variant '{variant}': {e}") from None
+    merged = _merge(merged, {"base": {"seed": seed}}, "")
+    if ablation.iterations:
+        merged = _merge(merged, {"train": {"iterations": ablation.iterations}}, "")
+    try:
+        return build_params(merged)
+    except ConfigError as e:
+        raise ConfigError(f"ablation variant '{variant}': {e}") from None
+
+
+def grid_hash(cell_hashes: list[str]) -> str:
+    """Identifies one grid (its cells' params) for its MLflow parent run."""
+    return hashlib.sha256(json.dumps(sorted(cell_hashes)).encode()).hexdigest()[:16]
+
+
+def shares_main_training(main: Params, cell: Params) -> bool:
+    return params_hash(main) == params_hash(cell)

@@ -1,0 +1,376 @@
+"""The ablation report: variants x seeds grid -> mean ± std tables, novel-class IoU, curves.
+
+Input: a cells folder (``data/ablation/``) with one sub-folder per cell named
+``<variant>-<seed>`` (:func:`pipeline.ablation.cell_key`), each holding
+
+* ``cell.json``: ``{"variant", "seed", "params_hash", "shared_with_main"}``
+* ``metrics.json``: the evaluate stage's summary (percent; a value may be ``null``)
+* ``per_class_iou.csv``: ``id,name,split,iou,acc,gt_pixels,pred_pixels``
+* ``curve.csv``: ``step,loss,<loss terms>...,lr,images_per_s``
+
+Statistics: per variant the mean over its seeds and the *sample* standard deviation
+(``ddof=1``); a variant with one seed (or one non-missing value) has no std, printed as
+``± n/a``. A seed whose metric is ``null`` (e.g. no novel class present) is left out of that
+metric's mean. The difference column is ``mean(variant) - mean(baseline)`` from unrounded
+means. No torch here: pandas + matplotlib (Agg canvas, no pyplot) only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .figures import _new_figure, _read_curve, _save, _smooth
+from .tables import PER_CLASS_COLUMNS, REFERENCE_BOUNDS, fmt_pct, markdown_table
+
+# (metric key, column header) of the ablation table, in the paper's order.
+ABLATION_METRICS = (
+    ("mIoU_base", "mIoU base"),
+    ("mIoU_novel", "mIoU novel"),
+    ("mIoU", "mIoU"),
+    ("hIoU", "hIoU"),
+)
+SUMMARY_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc", "mAcc", "fwIoU")
+CELL_FILES = ("cell.json", "metrics.json", "per_class_iou.csv", "curve.csv")
+
+
+class AblationError(ValueError):
+    """A cells folder that cannot be read; the message names the folder or file."""
+
+
+# --------------------------------------------------------------------------- loading
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"ablation cell file missing: {path}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AblationError(f"ablation cell file {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise AblationError(f"ablation cell file {path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _num(v, path: Path, key: str) -> float:
+    if v is None:
+        return float("nan")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise AblationError(f"ablation cell file {path}: '{key}' must be a number or null, got {v!r}")
+    return float(v)
+
+
+def _cell_dirs(cells_dir: Path) -> list[Path]:
+    if not cells_dir.is_dir():
+        raise FileNotFoundError(f"ablation cells folder missing: {cells_dir}")
+    # Hidden folders are atomic_dir's temporaries / leftovers, never cells.
+    dirs = sorted(p for p in cells_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise AblationError(f"ablation cells folder {cells_dir} holds no cell folders (<variant>-<seed>)")
+    return dirs
+
+
+def load_cells(cells_dir) -> pd.DataFrame:
+    """One row per cell: ``variant, seed, params_hash, shared_with_main, dataset, split``, the
+    summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN)
+    and ``cell_dir``. Rows are sorted by folder name.
+
+    Raises ``FileNotFoundError`` naming the missing ``cell.json`` / ``metrics.json`` and
+    ``AblationError`` naming the file for invalid JSON, a non-numeric metric, a missing
+    summary key, or a folder whose name is not ``<variant>-<seed>`` of its ``cell.json``.
+    """
+    cells_dir = Path(cells_dir)
+    rows = []
+    for d in _cell_dirs(cells_dir):
+        cell_path, metrics_path = d / "cell.json", d / "metrics.json"
+        cell = _read_json(cell_path)
+        for k in ("variant", "seed"):
+            if k not in cell:
+                raise AblationError(f"ablation cell file {cell_path} lacks '{k}'")
+        variant, seed = cell["variant"], cell["seed"]
+        if not isinstance(variant, str) or not variant:
+            raise AblationError(f"ablation cell file {cell_path}: 'variant' must be a non-empty string, got {variant!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise AblationError(f"ablation cell file {cell_path}: 'seed' must be an integer, got {seed!r}")
+        if d.name != f"{variant}-{seed}":
+            raise AblationError(f"ablation cell folder {d} does not match its cell.json "
+                                f"(variant {variant!r}, seed {seed}): expected folder '{variant}-{seed}'")
+        metrics = _read_json(metrics_path)
+        missing = [k for k in SUMMARY_KEYS if k not in metrics]
+        if missing:
+            raise AblationError(f"ablation cell file {metrics_path} lacks metric(s) {missing}")
+        row: dict[str, Any] = {
+            "variant": variant, "seed": seed,
+            "params_hash": cell.get("params_hash"), "shared_with_main": bool(cell.get("shared_with_main", False)),
+            "dataset": metrics.get("dataset"), "split": metrics.get("split"),
+        }
+        for k in SUMMARY_KEYS:
+            row[k] = _num(metrics[k], metrics_path, k)
+        row["cell_dir"] = str(d)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    dup = df[df.duplicated(["variant", "seed"], keep=False)]
+    if not dup.empty:  # impossible with folder == key, kept as a guard
+        raise AblationError(f"ablation cells folder {cells_dir} holds duplicate cells: {dup['cell_dir'].tolist()}")
+    return df
+
+
+def _variant_rows(cells_df: pd.DataFrame, variant: str) -> pd.DataFrame:
+    return cells_df.loc[cells_df["variant"] == variant].sort_values("seed")
+
+
+def _check_variants(cells_df: pd.DataFrame, variants: Sequence[str]) -> None:
+    if not variants:
+        raise AblationError("no ablation variants given")
+    missing = [v for v in variants if v not in set(cells_df["variant"])]
+    if missing:
+        raise AblationError(f"no ablation cells for variant(s) {missing}; cells found for "
+                            f"{sorted(set(cells_df['variant']))}")
+
+
+# --------------------------------------------------------------------------- tables
+def ablation_table(cells_df: pd.DataFrame, variants: Sequence[str], baseline: str = "baseline") -> pd.DataFrame:
+    """Per variant (in ``variants`` order): ``variant, n, seeds`` and, for each of
+    ``mIoU_base, mIoU_novel, mIoU, hIoU``: ``<m>_mean``, ``<m>_std`` (sample std, ddof=1; NaN
+    with fewer than two values), ``<m>_n`` (seeds with a value) and ``<m>_diff`` (mean minus
+    the baseline's mean; NaN when ``baseline`` has no cells, 0 for the baseline itself).
+    ``is_baseline`` marks the baseline row. The baseline need not be in ``variants``; it is
+    looked up in ``cells_df``. A variant with no cells raises ``AblationError``.
+    """
+    variants = list(variants)
+    _check_variants(cells_df, variants)
+    has_baseline = baseline in set(cells_df["variant"])
+    base_means = {}
+    if has_baseline:
+        b = _variant_rows(cells_df, baseline)
+        base_means = {k: b[k].astype(float).mean(skipna=True) for k, _ in ABLATION_METRICS}
+    rows = []
+    for v in variants:
+        sub = _variant_rows(cells_df, v)
+        row: dict[str, Any] = {"variant": v, "n": int(len(sub)), "seeds": [int(s) for s in sub["seed"]],
+                               "is_baseline": v == baseline}
+        for k, _ in ABLATION_METRICS:
+            vals = sub[k].astype(float)
+            n_valid = int(vals.notna().sum())
+            mean = float(vals.mean(skipna=True)) if n_valid else float("nan")
+            std = float(vals.std(ddof=1, skipna=True)) if n_valid >= 2 else float("nan")
+            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_n"] = mean, std, n_valid
+            row[f"{k}_diff"] = mean - base_means[k] if has_baseline else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs["baseline"] = baseline if has_baseline else None
+    return out
+
+
+def fmt_mean_std(mean, std, digits: int = 1) -> str:
+    """``34.2 ± 1.3``; ``34.2 ± n/a`` without a std; ``n/a`` without a mean."""
+    if _isnan(mean):
+        return "n/a"
+    return f"{float(mean):.{digits}f} ± {'n/a' if _isnan(std) else f'{float(std):.{digits}f}'}"
+
+
+def fmt_diff(v, digits: int = 1) -> str:
+    """Signed difference, ``+5.1`` / ``-2.0``; a value that rounds to zero prints ``+0.0``."""
+    if _isnan(v):
+        return "n/a"
+    s = f"{float(v):+.{digits}f}"
+    return "+" + s[1:] if float(s) == 0 else s
+
+
+def _isnan(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return math.isnan(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _seeds_text(seeds) -> str:
+    return ", ".join(str(int(s)) for s in seeds)
+
+
+def ablation_markdown(table: pd.DataFrame, title: str, dataset: str | None = None,
+                      reference: Mapping[str, Any] | None = None) -> str:
+    """Markdown section for an :func:`ablation_table`.
+
+    One row per variant: seeds, then ``mean ± std`` of each metric followed by its difference
+    to the baseline (``—`` on the baseline row; ``n/a`` without a baseline). For a dataset with
+    a published bound (``tables.REFERENCE_BOUNDS``: ade20k 44.5, coco_stuff_10k 37.1 mIoU), or
+    an explicit ``reference`` mapping (``label``, ``mIoU``, ``setting``), a separate
+    "Reference bound" section quotes it, marked as published and not a project result.
+    """
+    headers = ["variant", "seeds"]
+    align = ["l", "l"]
+    for _, h in ABLATION_METRICS:
+        headers += [h, "Δ"]
+        align += ["r", "r"]
+    rows = []
+    for r in table.to_dict("records"):
+        row = [f"**{r['variant']}**" if r.get("is_baseline") else r["variant"], _seeds_text(r["seeds"])]
+        for k, _ in ABLATION_METRICS:
+            row.append(fmt_mean_std(r[f"{k}_mean"], r[f"{k}_std"]))
+            row.append("—" if r.get("is_baseline") else fmt_diff(r[f"{k}_diff"]))
+        rows.append(row)
+
+    all_seeds = sorted({int(s) for seeds in table["seeds"] for s in seeds}) if len(table) else []
+    ns = sorted({int(n) for n in table["n"]}) if len(table) else []
+    baseline_rows = table.loc[table["is_baseline"]] if "is_baseline" in table else table.iloc[:0]
+    baseline_name = baseline_rows["variant"].iloc[0] if len(baseline_rows) else table.attrs.get("baseline")
+    lines = [f"## {title}", ""]
+    if dataset:
+        lines.append(f"Dataset: `{dataset}`.")
+    lines.append(f"Seeds used: {_seeds_text(all_seeds) if all_seeds else 'none'} "
+                 f"({' / '.join(str(n) for n in ns) or 0} per variant). Percent; each cell is the mean over "
+                 "seeds ± the sample standard deviation (ddof = 1; `n/a` with one seed).")
+    if baseline_name is not None:
+        lines.append(f"Δ = difference of the mean to the **{baseline_name}** mean (from unrounded means).")
+    else:
+        lines.append("Δ = difference of the mean to the baseline mean (`n/a`: no baseline cells).")
+    parts = ["\n".join(lines) + "\n", markdown_table(headers, rows, align)]
+
+    ref = dict(reference) if reference is not None else REFERENCE_BOUNDS.get(str(dataset)) if dataset else None
+    if ref is not None and not _isnan(ref.get("mIoU")):
+        label = ref.get("label", dataset or "this dataset")
+        setting = ref.get("setting")
+        ref_lines = [
+            "### Reference bound (published, not a project result)",
+            "",
+            f"Fully supervised MaskFormer R50 on {label}, as published (MaskFormer paper, quoted in SimFormer as "
+            f"the upper bound of every weak-shot split{'; ' + setting if setting else ''}). It was **not run by "
+            "this pipeline** and uses full pixel labels for every class; it is not comparable to the rows above "
+            "as a result, only as a ceiling.",
+            "",
+        ]
+        ref_row = ["MaskFormer R50, fully supervised (published reference)", "—"]
+        for k, _ in ABLATION_METRICS:
+            ref_row += [fmt_pct(ref["mIoU"]) if k == "mIoU" else "—", "—"]
+        parts.append("\n".join(ref_lines) + "\n" + markdown_table(headers, [ref_row], align))
+    return "\n".join(p.rstrip("\n") + "\n" for p in parts)
+
+
+def _read_per_class(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"ablation cell file missing: {path}")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise AblationError(f"ablation cell file {path} is not a valid CSV: {e}") from None
+    missing = [c for c in ("id", "name", "split", "iou") if c not in df.columns]
+    if missing:
+        raise AblationError(f"ablation cell file {path} lacks columns {missing}; expected {list(PER_CLASS_COLUMNS)}")
+    df["iou"] = pd.to_numeric(df["iou"], errors="coerce").astype(float)
+    return df
+
+
+def novel_class_iou(cells_dir, variants: Sequence[str]) -> pd.DataFrame:
+    """Per novel class (rows, by class id): ``id, name``, then one column per variant (in
+    ``variants`` order) with its IoU averaged over the seeds where the class has an IoU (NaN
+    when it has none in any seed). The novel classes are those marked ``novel`` in the cells'
+    ``per_class_iou.csv``."""
+    variants = list(variants)
+    cells = load_cells(cells_dir)
+    _check_variants(cells, variants)
+    frames = []
+    for r in cells.loc[cells["variant"].isin(variants)].itertuples(index=False):
+        pc = _read_per_class(Path(r.cell_dir) / "per_class_iou.csv")
+        pc = pc.loc[pc["split"].astype(str) == "novel", ["id", "name", "iou"]].copy()
+        pc["variant"] = r.variant
+        pc["seed"] = r.seed
+        frames.append(pc)
+    long = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "name", "iou", "variant"])
+    names = long.drop_duplicates("id").set_index("id")["name"]
+    wide = long.groupby(["id", "variant"])["iou"].mean().unstack("variant")
+    wide = wide.reindex(columns=variants).sort_index()
+    out = wide.reset_index()
+    out.insert(1, "name", out["id"].map(names).astype(str))
+    out.columns.name = None
+    return out
+
+
+def novel_class_markdown(df: pd.DataFrame) -> str:
+    """Markdown table of :func:`novel_class_iou` (IoU percent, 1 decimal, ``n/a`` if absent)."""
+    variants = [c for c in df.columns if c not in ("id", "name")]
+    rows = [[int(r["id"]), r["name"]] + [fmt_pct(r[v]) for v in variants] for r in df.to_dict("records")]
+    return markdown_table(["id", "novel class"] + variants, rows, ["r", "l"] + ["r"] * len(variants))
+
+
+# --------------------------------------------------------------------------- figures
+def plot_novel_class_iou(df: pd.DataFrame, out_png) -> Path:
+    """Grouped horizontal bars: one group per novel class, one bar per variant (mean IoU over
+    seeds). ``df`` is :func:`novel_class_iou`'s frame (``id, name, <variant>...``)."""
+    variants = [c for c in df.columns if c not in ("id", "name")]
+    n, m = len(df), max(1, len(variants))
+    fig = _new_figure(8, max(3.0, n * (0.18 * m + 0.25) + 1.6))
+    ax = fig.subplots()
+    if n == 0 or not variants:
+        ax.text(0.5, 0.5, "no novel classes", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _save(fig, out_png)
+    group = 0.8
+    h = group / m
+    y = np.arange(n)
+    for i, v in enumerate(variants):
+        vals = pd.to_numeric(df[v], errors="coerce").to_numpy(dtype=float)
+        yy = y - group / 2 + (i + 0.5) * h
+        ax.barh(yy, np.nan_to_num(vals, nan=0.0), height=h * 0.95, color=f"C{i % 10}", label=v)
+        for yv in yy[np.isnan(vals)]:  # class absent from prediction and GT in every seed
+            ax.text(0.5, yv, "n/a", va="center", ha="left", fontsize=6, color=f"C{i % 10}")
+    ax.set_yticks(y)
+    ax.set_yticklabels([str(s) for s in df["name"]], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%) — mean over seeds")
+    ax.set_title("novel-class IoU by variant")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_variant_curves(cells_dir, variants: Sequence[str], out_png, smoothing: int = 10) -> Path:
+    """Total loss vs step per variant: the mean over seeds of each seed's ``smoothing``-step
+    moving average, with the seeds' min-max range shaded. Reads ``<cell>/curve.csv``."""
+    variants = list(variants)
+    cells = load_cells(cells_dir)
+    _check_variants(cells, variants)
+    fig = _new_figure(9, 4.5)
+    ax = fig.subplots()
+    plotted = 0
+    for i, v in enumerate(variants):
+        series = []
+        for r in _variant_rows(cells, v).itertuples(index=False):
+            path = Path(r.cell_dir) / "curve.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"ablation cell file missing: {path}")
+            df = _read_curve(path)
+            if df.empty or "loss" not in df.columns:
+                continue
+            step = df["step"] if "step" in df.columns else pd.Series(np.arange(len(df)))
+            s = _smooth(pd.to_numeric(df["loss"], errors="coerce"), smoothing)
+            s.index = pd.Index(step.to_numpy(), name="step")
+            series.append(s[~s.index.duplicated(keep="last")].rename(int(r.seed)))
+        if not series:
+            continue
+        wide = pd.concat(series, axis=1).sort_index()
+        color = f"C{i % 10}"
+        ax.plot(wide.index, wide.mean(axis=1, skipna=True), color=color, linewidth=1.5,
+                label=f"{v} (n={wide.shape[1]})")
+        if wide.shape[1] > 1:
+            ax.fill_between(wide.index, wide.min(axis=1, skipna=True), wide.max(axis=1, skipna=True),
+                            color=color, alpha=0.2, linewidth=0)
+        plotted += 1
+    if not plotted:
+        ax.text(0.5, 0.5, "no training curve data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _save(fig, out_png)
+    ax.set_xlabel("step")
+    ax.set_ylabel("total loss")
+    ax.set_title(f"training loss by variant (moving average {smoothing}; mean over seeds, min-max shaded)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_png)

@@ -1,0 +1,84 @@
+"""DVC stage `ablate@<variant>-<seed>`: one cell of the ablation grid (params `ablation`).
+
+The cell's params are the main params with the variant's overrides, its seed and
+ablation.iterations applied. A cell whose params equal the main training's reuses that
+model (never trains twice); others train with a resumable checkpoint. The cell is then
+evaluated like the main model. Its MLflow run is looked up by params hash, so running
+again never duplicates it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages._common import (load_params_raw, open_tracker, parser, read_json, run, step_logger, write_curve,
+                            write_eval_outputs)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--variant", required=True, help="variant name (a key of ablation.variants)")
+    ap.add_argument("--seed", type=int, required=True, help="the cell's seed (one of ablation.seeds)")
+    ap.add_argument("--main-model", type=Path, required=True, help="the main training's model (train stage)")
+    ap.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset folder")
+    ap.add_argument("--split-dir", type=Path, required=True, help="split folder")
+    ap.add_argument("--checkpoint", type=Path, required=True, help="the cell's resumable checkpoint")
+    ap.add_argument("--out", type=Path, required=True, help="the cell's output folder")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = ap.parse_args()
+    main_p, params_text, raw = load_params_raw(args.params)
+
+    from pipeline.ablation import cell_params, parse_ablation, shares_main_training
+    from pipeline.config import params_hash
+    from pipeline.engine.checkpoint import load_checkpoint
+    from pipeline.engine.evaluate import evaluate_model, load_trained
+    from pipeline.engine.train import export_model, resolve_device, train
+    from pipeline.io import atomic_dir, write_json
+
+    grid = parse_ablation(raw.get("ablation"))
+    p = cell_params(raw, grid, args.variant, args.seed)
+    phash = params_hash(p)
+    split = read_json(args.split_dir / "split.json")
+    index = read_json(args.split_dir / "index.json")
+    shared = shares_main_training(main_p, p)
+    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)   # a DVC output even when nothing trains
+    tags = {"stage": "ablate", "variant": args.variant, "seed": str(args.seed)}
+    tracker = None if args.no_mlflow else open_tracker(
+        p, params_text, tags, f"{args.variant}-seed{args.seed}-{phash[:8]}", include_finished=True)
+    try:
+        if shared:
+            device = resolve_device(p.eval.device)
+            model, _, _ = load_trained(args.main_model, device)
+            history = load_checkpoint(args.main_model).get("history", [])
+            print(f"cell {args.variant}-{args.seed} shares the main training: reusing {args.main_model}")
+        else:
+            device = resolve_device(p.train.device)
+            model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
+                               progress=not args.no_progress)
+            history = out.history
+        model.eval()
+        summary, per_class, _ = evaluate_model(model, args.dataset_dir, index, split, p, device,
+                                               progress=not args.no_progress)
+        with atomic_dir(args.out) as tmp:
+            write_json(tmp / "cell.json", {"variant": args.variant, "seed": args.seed, "params_hash": phash,
+                                           "shared_with_main": shared,
+                                           "run_id": tracker.run_id if tracker else None})
+            write_eval_outputs(tmp / "metrics.json", tmp / "per_class_iou.csv", summary, per_class)
+            write_curve(tmp / "curve.csv", history)
+            if not shared:
+                export_model(model, p, split, tmp / "model.pt", history)
+        if tracker:
+            tracker.set_tags({"variant": args.variant, "seed": str(args.seed)})
+            tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            if not shared:
+                tracker.log_artifact(args.out / "model.pt", "model")
+            tracker.finish("FINISHED")
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    print(f"cell {args.variant}-{args.seed}: " + "  ".join(
+        f"{k} {summary[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.ablation import REQUIRED_VARIANTS, cell_key, cell_params, grid_hash, parse_ablation, shares_main_training
+from pipeline.config import ConfigError, build_params, params_hash
+from tests.conftest import ROOT
+
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_default_grid_has_the_required_variants_and_two_seeds():
+    grid = parse_ablation(RAW["ablation"])
+    assert list(grid.variants) == list(REQUIRED_VARIANTS)
+    assert len(grid.seeds) >= 2
+    assert grid.cells()[:2] == [("baseline", grid.seeds[0]), ("baseline", grid.seeds[1])]
+
+
+def test_cell_params_apply_overrides_seed_and_iterations():
+    grid = parse_ablation(RAW["ablation"])
+    base = cell_params(RAW, grid, "baseline", 7)
+    assert (base.loss.comp_weight, base.loss.sim_weight, base.loss.pp_weight) == (0.0, 0.0, 0.0)
+    assert base.base.seed == 7 and base.train.iterations == grid.iterations
+    assert base.loss.cls_weight == RAW["loss"]["cls_weight"]           # untouched keys stay
+    oracle = cell_params(RAW, grid, "oracle", 6)
+    assert oracle.loss.oracle is True
+    full = cell_params(RAW, grid, "full", 6)
+    assert full.loss.pp_weight == RAW["loss"]["pp_weight"]
+
+
+def test_full_cell_shares_main_training_only_when_params_equal():
+    main = build_params({k: v for k, v in RAW.items() if k != "ablation"})
+    same = parse_ablation({**RAW["ablation"], "iterations": 0, "seeds": [RAW["base"]["seed"], 99]})
+    assert shares_main_training(main, cell_params(RAW, same, "full", RAW["base"]["seed"]))
+    assert not shares_main_training(main, cell_params(RAW, same, "full", 99))
+    assert not shares_main_training(main, cell_params(RAW, same, "baseline", RAW["base"]["seed"]))
+
+
+@pytest.mark.parametrize("ablation, message", [
+    ({"seeds": [6, 6], "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
+    ({"seeds": "6", "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
+    ({"seeds": [6], "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
+    ({"seeds": [6], "variant": {}}, "unknown params key 'ablation.variant'. Did you mean 'ablation.variants'?"),
+    ({"seeds": [6], "iterations": -1, "variants": {"a": {}}}, "'ablation.iterations': expected an integer >= 0"),
+])
+def test_bad_grid_structure(ablation, message):
+    with pytest.raises(ConfigError) as e:
+        parse_ablation(ablation)
+    assert message in str(e.value)
+
+
+def test_bad_override_names_variant_and_key():
+    grid = parse_ablation({"seeds": [6], "variants": {"typo": {"loss": {"pp_wieght": 0.5}}}})
+    with pytest.raises(ConfigError) as e:
+        cell_params(RAW, grid, "typo", 6)
+    assert str(e.value).startswith("ablation variant 'typo': unknown params key 'loss.pp_wieght'")
+
+
+def test_grid_hash_is_order_free_and_content_sensitive():
+    assert grid_hash(["a", "b"]) == grid_hash(["b", "a"]) != grid_hash(["a", "c"])
+    assert cell_key("+complementary", 6) == "+complementary-6"
+
+
+def test_dvc_expands_the_grid_to_the_expected_stage_names():
+    dvc = Path(sys.executable).parent / "dvc"
+    out = subprocess.run([str(dvc), "stage", "list", "--name-only"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    grid = parse_ablation(RAW["ablation"])
+    expected = [f"ablate@{cell_key(v, s)}" for v, s in grid.cells()]
+    assert [s for s in out if s.startswith("ablate@")] == expected
+    assert {"download", "prepare", "train", "evaluate", "retrain", "report"} <= set(out)
