@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -181,6 +182,8 @@ def _coerce(value: Any, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"params key '{key}': expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -459,3 +459,36 @@ def sync_grid(root: str | os.PathLike, experiment: str, grid_id: str, grid_param
         parent.log_artifact(path, "report")
     parent.finish("FINISHED")
     return {"parent": parent.run_id, "children": children}
+
+
+def search_runs_frame(root: str | os.PathLike, experiment: str, tags: Mapping[str, list[str]] | None = None):
+    """``mlflow.search_runs`` of one experiment as a pandas DataFrame, filtered by tag values
+    (several values of one tag are alternatives)."""
+    import mlflow
+
+    open_client(root)                                    # fails clearly on a missing / locked store
+    mlflow.set_tracking_uri(tracking_uri(root))
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise TrackingError(f"MLflow store {db_path(root)} has no experiment '{experiment}'")
+    df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
+    for key, values in (tags or {}).items():
+        col = f"tags.{key}"
+        df = df[df[col].isin(values)] if col in df else df.iloc[0:0]
+    return df
+
+
+def runs_table(df, metrics: list[str], group_by: str | None = None):
+    """Run name, variant, seed, status and the chosen metrics; or mean/std/count per ``group_by`` tag."""
+    import pandas as pd
+
+    cols = {"tags.mlflow.runName": "run", "tags.variant": "variant", "tags.seed": "seed", "status": "status",
+            "tags.params_hash": "params_hash"}
+    out = pd.DataFrame({new: df[old] for old, new in cols.items() if old in df})
+    for m in metrics:
+        out[m] = df[f"metrics.{m}"] if f"metrics.{m}" in df else float("nan")
+    if group_by is None or out.empty:
+        return out.reset_index(drop=True)
+    key = {"variant": "variant", "seed": "seed"}.get(group_by, group_by)
+    if key not in out:
+        out[key] = df.get(f"tags.{group_by}")
+    return out.groupby(key)[metrics].agg(["mean", "std", "count"])

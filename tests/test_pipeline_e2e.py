@@ -197,6 +197,24 @@ def test_run_cache_hit_leaves_no_cell_missing_and_no_duplicate(project: Path):
     assert len(mlflow_runs(project)) == before + 2                  # found by params hash: nothing added
 
 
+def test_compare_prints_runs_filtered_by_tags(project: Path):
+    cmd = [sys.executable, "-m", "stages.compare", "--tag", "variant=baseline", "--tag", "variant=full",
+           "--group-by", "variant", "--csv", "compare.csv"]
+    r = subprocess.run(cmd, cwd=project, env=project_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+    table = pd.read_csv(project / "compare.csv", header=[0, 1], index_col=0)
+    assert sorted(table.index) == ["baseline", "full"]
+    assert list(table[("mIoU_novel", "count")]) == [2, 2]
+    cells = {n: json.loads((project / "data" / "ablation" / f"{n}-3" / "metrics.json").read_text())
+             for n in ("baseline", "full")}
+    assert "baseline" in r.stdout and "mIoU_novel" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "stages.compare", "--tag", "variant=nope"], cwd=project,
+                       env=project_env(), capture_output=True, text=True)
+    assert r.returncode == 1 and "no runs in experiment 'simformer-synthetic-split1' match" in r.stderr
+    assert cells["full"]["mIoU"] is not None
+
+
 def test_exp_run_reruns_only_loss_readers(project: Path):
     r = dvc(project, "exp", "run", "-S", "loss.pp_weight=0.5")
     out = r.stdout + r.stderr
