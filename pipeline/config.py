@@ -181,6 +181,12 @@ def _coerce(value: Any, tp, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads '1e-4' as a string: accept a plain numeric string.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(f"params key '{key}': expected a finite number, got {value!r}")

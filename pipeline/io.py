@@ -74,3 +74,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that ``atomic_path(path)`` left behind when its process was killed
+    (SIGKILL skips the clean-up); returns what was removed. Only ever touches ``.<name>.*.tmp*``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [q for q in path.parent.glob(f".{path.name}.*.tmp*") if q.is_file()]
+    for q in stale:
+        with contextlib.suppress(FileNotFoundError):
+            q.unlink()
+    return stale
+

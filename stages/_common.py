@@ -56,8 +56,16 @@ def load_params_raw(path: Path) -> tuple[Params, str, dict]:
     return params, text, raw
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler's pre-emption) unwinds like Ctrl-C: MLflow runs are closed as
+    # FAILED and no output is half-written (every write is atomic).
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main, turning expected failures into one clear line and a non-zero exit."""
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except ConfigError as e:

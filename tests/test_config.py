@@ -36,3 +36,12 @@ def test_flatten_and_hash():
     assert params_hash(p) == params_hash(build_params({}))
     assert params_hash(p) != params_hash(build_params({"loss": {"pp_weight": 0.5}}))
     assert params_hash(p) == params_hash(build_params({"eval": {"max_images": 3}}))   # eval does not train
+
+
+def test_yaml_exponent_strings_are_numbers_for_float_keys():
+    # PyYAML (YAML 1.1) loads `lr: 1e-4` as the string '1e-4'
+    raw = yaml.safe_load("train:\n  lr: 1e-4\n")
+    assert raw["train"]["lr"] == "1e-4"
+    assert build_params(raw).train.lr == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match=r"params key 'train.iterations': expected an integer, got '1e3'"):
+        build_params({"train": {"iterations": "1e3"}})

@@ -28,6 +28,7 @@ from ..data.targets import weak_shot_targets
 from ..losses.criterion import SetCriterion
 from ..losses.matcher import HungarianMatcher
 from ..model import build_model
+from ..io import remove_stale_temps
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -252,6 +253,7 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
     out = TrainOutputs()
     start = 0
     ckpt_path = Path(ckpt_path)
+    remove_stale_temps(ckpt_path)           # a checkpoint write cut short by SIGKILL
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if ck.get("params_hash") == phash:
