@@ -17,7 +17,6 @@ means. No torch here: pandas + matplotlib (Agg canvas, no pyplot) only.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .figures import _new_figure, _read_curve, _save, _smooth
-from .tables import PER_CLASS_COLUMNS, REFERENCE_BOUNDS, fmt_pct, markdown_table
+from .tables import PER_CLASS_COLUMNS, REFERENCE_BOUNDS, fmt_pct, is_missing, markdown_table
 
 # (metric key, column header) of the ablation table, in the paper's order.
 ABLATION_METRICS = (
@@ -167,26 +166,17 @@ def ablation_table(cells_df: pd.DataFrame, variants: Sequence[str], baseline: st
 
 def fmt_mean_std(mean, std, digits: int = 1) -> str:
     """``34.2 ± 1.3``; ``34.2 ± n/a`` without a std; ``n/a`` without a mean."""
-    if _isnan(mean):
+    if is_missing(mean):
         return "n/a"
-    return f"{float(mean):.{digits}f} ± {'n/a' if _isnan(std) else f'{float(std):.{digits}f}'}"
+    return f"{float(mean):.{digits}f} ± {'n/a' if is_missing(std) else f'{float(std):.{digits}f}'}"
 
 
 def fmt_diff(v, digits: int = 1) -> str:
     """Signed difference, ``+5.1`` / ``-2.0``; a value that rounds to zero prints ``+0.0``."""
-    if _isnan(v):
+    if is_missing(v):
         return "n/a"
     s = f"{float(v):+.{digits}f}"
     return "+" + s[1:] if float(s) == 0 else s
-
-
-def _isnan(v) -> bool:
-    if v is None:
-        return True
-    try:
-        return math.isnan(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def _seeds_text(seeds) -> str:
@@ -233,7 +223,7 @@ def ablation_markdown(table: pd.DataFrame, title: str, dataset: str | None = Non
     parts = ["\n".join(lines) + "\n", markdown_table(headers, rows, align)]
 
     ref = dict(reference) if reference is not None else REFERENCE_BOUNDS.get(str(dataset)) if dataset else None
-    if ref is not None and not _isnan(ref.get("mIoU")):
+    if ref is not None and not is_missing(ref.get("mIoU")):
         label = ref.get("label", dataset or "this dataset")
         setting = ref.get("setting")
         ref_lines = [

@@ -35,7 +35,8 @@ REFERENCE_BOUNDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _missing(v) -> bool:
+def is_missing(v) -> bool:
+    """True for None and NaN (values a table prints as n/a)."""
     if v is None:
         return True
     try:
@@ -45,7 +46,7 @@ def _missing(v) -> bool:
 
 
 def fmt_pct(v, digits: int = 1) -> str:
-    return "n/a" if _missing(v) else f"{float(v):.{digits}f}"
+    return "n/a" if is_missing(v) else f"{float(v):.{digits}f}"
 
 
 def _cell(v) -> str:
@@ -120,7 +121,7 @@ def reference_bound_markdown(dataset: str, metrics: Mapping[str, Any] | None = N
         "This is the **reference upper bound, not a reproduction**: it was not run by this pipeline, "
         "and it uses full pixel labels for every class.",
     ]
-    if metrics is not None and not _missing(metrics.get("mIoU")):
+    if metrics is not None and not is_missing(metrics.get("mIoU")):
         lines.append(f"This run (weak-shot, this pipeline's settings): {fmt_pct(metrics['mIoU'])} mIoU.")
     return "\n".join(lines) + "\n"
 
