@@ -266,6 +266,9 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
                 torch.cuda.set_rng_state(ck["rng_cuda"])
             start = out.resumed_from = int(ck["step"])
             out.history = list(ck["history"])
+        else:
+            warnings.warn(f"checkpoint '{ckpt_path}' belongs to other params (hash {ck.get('params_hash')}, "
+                          f"now {phash}): starting from step 0 and overwriting it", stacklevel=2)
 
     loader = build_train_loader(p, dataset_dir, index, start, t.iterations, device, label_root)
     base_ids = torch.tensor(split["base"], dtype=torch.long, device=device)
