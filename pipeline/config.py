@@ -23,6 +23,11 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DEVICES = ("auto", "cpu", "cuda")
 PP_FORMS = ("cce", "ce")
 PP_PAIRINGS = ("cross_image", "within_image")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+# train.* keys that only say how a run is launched (processes, nodes, rendezvous): they are
+# left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
+# (the global batch, and with it the model, does not depend on them).
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "dist_backend")
 
 
 class ConfigError(ValueError):
@@ -134,6 +139,15 @@ class TrainConfig:
     log_interval: int = _spec(10, lo=1, help="steps between logged losses")
     pair_sampling: bool = _spec(True, help="batches of image pairs sharing a novel class")
     threads: int = _spec(0, lo=0, help="torch CPU threads (0 = torch's default)")
+    # Multi-process training (DistributedDataParallel under torchrun); batch_size is the global batch.
+    nproc_per_node: int = _spec(1, lo=1, help="training processes per node (one per GPU); > 1 (or nnodes > 1) "
+                                              "launches torchrun")
+    nnodes: int = _spec(1, lo=1, help="nodes taking part (run the stage on each, with its node_rank)")
+    node_rank: int = _spec(0, lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr)")
+    master_addr: str = _spec("127.0.0.1", help="address of node 0, reachable from every node")
+    master_port: int = _spec(29500, lo=1, hi=65535, help="free TCP port on node 0 for the rendezvous")
+    dist_backend: str = _spec("auto", choices=DIST_BACKENDS, help="process group backend (auto = nccl on CUDA, "
+                                                                  "else gloo)")
 
 
 @dataclass(frozen=True)
@@ -258,6 +272,28 @@ def _check_cross(p: Params) -> None:
     if p.train.pair_sampling and p.train.batch_size % 2:
         raise ConfigError(f"params key 'train.batch_size': {p.train.batch_size} must be even when "
                           "train.pair_sampling is true (batches are image pairs)")
+    t = p.train
+    if t.node_rank >= t.nnodes:
+        raise ConfigError(f"params key 'train.node_rank': {t.node_rank} must be < train.nnodes ({t.nnodes})")
+    check_world_batch(p, t.nproc_per_node * t.nnodes,
+                      f"train.nproc_per_node x train.nnodes = {t.nproc_per_node} x {t.nnodes}")
+
+
+def check_world_batch(p: Params, world: int, what: str) -> None:
+    """The global ``train.batch_size`` must split evenly over ``world`` processes, and, when the
+    batch is made of image pairs (``train.pair_sampling``, SimLoss / DistLoss pair images 0-1,
+    2-3, ...), into an even number of images per process so that no pair is split."""
+    if world <= 1:
+        return
+    b = p.train.batch_size
+    if b % world:
+        raise ConfigError(f"params key 'train.batch_size': {b} (the global batch) must be divisible by the number "
+                          f"of training processes, {what} = {world}")
+    pairs = p.train.pair_sampling or p.loss.sim_weight > 0 or p.loss.pp_weight > 0
+    if pairs and (b // world) % 2:
+        raise ConfigError(f"params key 'train.batch_size': {b} gives {b // world} images per process ({what} = "
+                          f"{world}); that must be even when train.pair_sampling is true or loss.sim_weight / "
+                          f"loss.pp_weight > 0 (image pairs are never split across processes)")
 
 
 def build_params(raw: Mapping[str, Any] | None, groups: typing.Iterable[str] | None = None) -> Params:
@@ -302,8 +338,11 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "model", "loss", "train")) -> str:
-    """Stable short hash of the groups that determine a trained model."""
+    """Stable short hash of the groups that determine a trained model (the launch keys of
+    ``train``, :data:`LAUNCH_KEYS`, left out)."""
     d = {g: to_dict(getattr(p, g)) for g in groups}
+    if "train" in d:
+        d["train"] = {k: v for k, v in d["train"].items() if k not in LAUNCH_KEYS}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

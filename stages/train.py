@@ -4,9 +4,16 @@ Runs on CUDA when present (train.device: auto), else on CPU. Resumes from --chec
 when it holds a checkpoint of the same params. Logs params, the whole params file,
 per-step losses and the trained model to MLflow (SQLite store at the repository root,
 found through $DVC_ROOT under `dvc exp run`).
+
+Multi-GPU / multi-node: with train.nproc_per_node x train.nnodes > 1 the stage re-launches
+itself under torchrun (DistributedDataParallel, train.batch_size is the global batch); rank 0
+alone logs to MLflow and writes the model, the curve and the checkpoints.
 """
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from stages._common import load_params, open_tracker, parser, read_json, run, step_logger, write_curve
@@ -27,26 +34,64 @@ def main() -> None:
     split = read_json(args.split_dir / "split.json")
     index = read_json(args.split_dir / "index.json")
 
+    from pipeline.engine import distributed as D
+    if p.train.nproc_per_node * p.train.nnodes > 1 and not D.under_torchrun():
+        sys.exit(relaunch(torchrun_argv(p, sys.argv[1:])))
+
     from pipeline.config import params_hash
     from pipeline.engine.train import export_model, train
 
-    run_name = args.run_name or f"{p.data.dataset}-split{p.data.split}-{params_hash(p)[:8]}"
-    tracker = None if args.no_mlflow else open_tracker(p, params_text, {"stage": "train"}, run_name)
+    dist = D.init_distributed(p.train.dist_backend, p.train.device) if D.under_torchrun() else D.DistInfo()
     try:
-        model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
-                           progress=not args.no_progress)
-        export_model(model, p, split, args.model, out.history)
-        write_curve(args.curve, out.history)
-        if tracker:
-            tracker.log_artifact(args.model, "model")
-            tracker.finish("FINISHED")
+        run_name = args.run_name or f"{p.data.dataset}-split{p.data.split}-{params_hash(p)[:8]}"
+        # rank 0 alone logs and writes files; the other ranks only train
+        tracker = None if args.no_mlflow or not dist.is_main else open_tracker(p, params_text, {"stage": "train"},
+                                                                               run_name)
+        try:
+            model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
+                               progress=not args.no_progress)
+            if dist.is_main:
+                export_model(model, p, split, args.model, out.history)
+                write_curve(args.curve, out.history)
+            if tracker:
+                tracker.log_artifact(args.model, "model")
+                tracker.finish("FINISHED")
+        except BaseException:
+            if tracker:
+                tracker.finish("FAILED")
+            raise
+    finally:
+        D.cleanup()
+    if dist.is_main:
+        last = out.history[-1] if out.history else {}
+        print(f"trained {out.steps} steps (resumed from {out.resumed_from}) in {out.seconds:.0f}s"
+              + (f" on {dist.world_size} processes" if dist.distributed else "")
+              + f"; final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
+
+
+def torchrun_argv(p, argv: list[str]) -> list[str]:
+    """``python -m torch.distributed.run ... -m stages.train argv...`` for this node (train.*)."""
+    from pipeline.engine.distributed import launch_argv
+    t = p.train
+    return launch_argv(t.nproc_per_node, t.nnodes, t.node_rank, t.master_addr, t.master_port, "stages.train", argv)
+
+
+def relaunch(cmd: list[str]) -> int:
+    """Run ``cmd`` (torchrun) and return its exit status; on Ctrl-C / SIGTERM, stop it with SIGTERM
+    (torchrun passes it on to the training processes) before unwinding."""
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait()
     except BaseException:
-        if tracker:
-            tracker.finish("FAILED")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         raise
-    last = out.history[-1] if out.history else {}
-    print(f"trained {out.steps} steps (resumed from {out.resumed_from}) in {out.seconds:.0f}s; "
-          f"final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
+    return 128 - rc if rc < 0 else rc
 
 
 if __name__ == "__main__":

@@ -8,6 +8,16 @@ on any device. One training step is :func:`train_step`, shared with the benchmar
 
 Nothing here imports MLflow: the caller passes ``on_log(step, metrics)`` and
 ``on_checkpoint(path)`` callbacks.
+
+Multi-process (DistributedDataParallel): when a process group is initialised (the train stage
+under ``torchrun``, see ``distributed.py``), :func:`train` wraps the model in DDP, each rank
+trains on its contiguous slice of the global batch of each step, the loss normalisers are
+summed over the ranks, the criterion's SimNet gradients are averaged like DDP's, logged
+metrics are means over the ranks, and rank 0 alone writes checkpoints. Differences to one
+process with the same global batch, by design: the point samples of SimLoss / DistLoss (and
+of a point-sampled MaskLoss) come from a per-rank stream (a function of seed, step and rank),
+and BatchNorm (SimNet's; the backbone's unless ``model.freeze_bn``) normalises over the
+rank's own samples (per-GPU BatchNorm, as usual under DDP).
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from ..losses.criterion import SetCriterion
 from ..losses.matcher import HungarianMatcher
 from ..model import build_model
 from ..io import remove_stale_temps
+from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -123,9 +134,11 @@ def build_optimizer(p: Params, model: torch.nn.Module, criterion: torch.nn.Modul
 
 
 def build_train_loader(p: Params, dataset_dir: str | Path, index: dict, start: int, stop: int,
-                       device: torch.device, label_root: str | Path | None = None) -> DataLoader:
+                       device: torch.device, label_root: str | Path | None = None,
+                       rank: int = 0, world_size: int = 1) -> DataLoader:
     """The training DataLoader for steps ``start .. stop - 1``: pinned memory on CUDA,
-    persistent workers with prefetching, OpenCV threads off in the workers."""
+    persistent workers with prefetching, OpenCV threads off in the workers. With
+    ``world_size`` > 1, each step yields ``rank``'s contiguous slice of the global batch."""
     t = p.train
     train_entries = index["train"]
     usable = [i for i, e in enumerate(train_entries) if e["usable"]]
@@ -139,7 +152,8 @@ def build_train_loader(p: Params, dataset_dir: str | Path, index: dict, start: i
                       p.base.seed, label_root)
     # Own generator: iter(loader) would otherwise draw its base seed from the global RNG, which a
     # resumed run restores from the checkpoint just before - the dropout stream would shift (inexact resume).
-    return DataLoader(data, batch_sampler=_KeyedBatches(sampler, start, stop), num_workers=t.workers,
+    return DataLoader(data, batch_sampler=_KeyedBatches(sampler, start, stop, rank, world_size),
+                      num_workers=t.workers,
                       collate_fn=collate_train, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                       persistent_workers=t.workers > 0, prefetch_factor=4 if t.workers > 0 else None,
                       generator=torch.Generator().manual_seed(p.base.seed))
@@ -163,11 +177,15 @@ def _float_outputs(x):
 def train_step(forward: Callable, criterion: SetCriterion, opt: torch.optim.Optimizer, sched, batch: dict,
                p: Params, step: int, device: torch.device, fast: FastPath, base_ids: torch.Tensor,
                novel_ids: torch.Tensor, mark: Callable[[str], None] | None = None,
-               nonfinite_hint: str = "") -> tuple[torch.Tensor, dict]:
+               nonfinite_hint: str = "", rank: int = 0, sync_grads: Callable[[], None] | None = None,
+               all_finite: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """One optimisation step on ``batch``; returns (weighted total loss, named losses).
 
     ``mark(phase)`` is called at the end of each phase: ``transfer`` (host-to-device copy and
     targets), ``forward``, ``match_loss`` (matching and every loss), ``backward``, ``optimizer``.
+    Multi-process: ``rank`` selects the point-sampling stream, ``sync_grads()`` runs after the
+    backward pass (gradients DDP does not own), ``all_finite(flags)`` ANDs the finiteness flags
+    over the ranks so that all of them stop together.
     """
     mark = mark or _no_mark
     images = batch["image"].to(device, non_blocking=True)
@@ -177,7 +195,10 @@ def train_step(forward: Callable, criterion: SetCriterion, opt: torch.optim.Opti
     valid = batch["valid"].to(device, non_blocking=True)
     targets = weak_shot_targets(sem_seg, valid, base_ids, novel_ids, p.loss.oracle)
     # Point sampling draws from a CPU generator seeded per step: same points on any device, exact resume.
-    gen = torch.Generator().manual_seed(p.base.seed * 1_000_003 + step)
+    seed = p.base.seed * 1_000_003 + step
+    if rank:    # the other ranks of a multi-process run: their own stream, a function of (seed, step, rank)
+        seed += rank << 48
+    gen = torch.Generator().manual_seed(seed)
     mark("transfer")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast.amp):
         outputs = forward(images)
@@ -189,14 +210,19 @@ def train_step(forward: Callable, criterion: SetCriterion, opt: torch.optim.Opti
     if losses:                                  # one CPU-GPU sync for the whole finiteness check
         names = list(losses)
         finite = torch.isfinite(torch.stack([v.detach().float() for v in losses.values()]))
+        if all_finite is not None:
+            finite = all_finite(finite)
         if not bool(finite.all()):
             name = names[int((~finite).nonzero()[0, 0])]
+            where = "" if all_finite is None or not torch.isfinite(losses[name].detach()) else " (on another rank)"
             # step + 1: numbered like the training curve and checkpoints (steps done after this one)
-            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {name} = {losses[name].item()}"
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {name} = {losses[name].item()}{where}"
                                      + nonfinite_hint)
     mark("match_loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if sync_grads is not None:
+        sync_grads()
     mark("backward")
     if p.train.clip_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], p.train.clip_grad_norm)
@@ -207,14 +233,21 @@ def train_step(forward: Callable, criterion: SetCriterion, opt: torch.optim.Opti
 
 
 class _KeyedBatches:
-    """Adapts a per-step batch sampler to yield ``(index, step, slot)`` keys for ``TrainCrops``."""
+    """Adapts a per-step batch sampler to yield ``(index, step, slot)`` keys for ``TrainCrops``;
+    with ``world_size`` > 1 only ``rank``'s contiguous slice of each global batch (slots stay
+    global, so every image gets the augmentation it gets in a single process)."""
 
-    def __init__(self, sampler, start: int, stop: int):
+    def __init__(self, sampler, start: int, stop: int, rank: int = 0, world_size: int = 1):
         self.sampler, self.start, self.stop = sampler, start, stop
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         for s in range(self.start, self.stop):
-            yield [(i, s, k) for k, i in enumerate(self.sampler.batch(s))]
+            keys = [(i, s, k) for k, i in enumerate(self.sampler.batch(s))]
+            if self.world_size > 1:
+                per = len(keys) // self.world_size
+                keys = keys[self.rank * per:(self.rank + 1) * per]
+            yield keys
 
     def __len__(self):
         return self.stop - self.start
@@ -236,9 +269,18 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
 
     ``split``/``index``: the prepare stage's split.json / index.json. ``label_root``: read
     training labels from there (pseudo labels) instead of ``dataset_dir``.
+
+    In an initialised process group (see the module docstring) every rank calls this; pass
+    ``on_log`` / ``on_checkpoint`` on rank 0 only.
     """
     t = p.train
+    dist = D.current()
+    multi = dist.distributed
     device = resolve_device(t.device)
+    if multi:
+        device = _rank_device(device, dist)
+        from ..config import check_world_batch
+        check_world_batch(p, dist.world_size, "the process group's world size")
     if t.threads:
         torch.set_num_threads(t.threads)
     num_classes = split["num_classes"]
@@ -247,13 +289,20 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
     apply_backend_flags(fast, device)
     model = build_model(p.model, num_classes, _backbone_state(p)).to(device)
     criterion = build_criterion(p, num_classes, split["base"], split["novel"]).to(device)
-    forward = prepare_model(model, fast)
+    if multi:
+        forward = _wrap_ddp(model, fast, device, p)
+        criterion.normalizer = D.GlobalCount(dist.world_size)
+        if dist.rank:       # dropout: ranks > 0 get their own stream (each restored on resume)
+            torch.manual_seed(p.base.seed * 1_000_003 + (dist.rank << 48))
+    else:
+        forward = prepare_model(model, fast)
     opt, sched = build_optimizer(p, model, criterion, fast)
     phash = params_hash(p)
     out = TrainOutputs()
     start = 0
     ckpt_path = Path(ckpt_path)
-    remove_stale_temps(ckpt_path)           # a checkpoint write cut short by SIGKILL
+    if not multi or dist.is_main:
+        remove_stale_temps(ckpt_path)           # a checkpoint write cut short by SIGKILL
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if ck.get("params_hash") == phash:
@@ -264,13 +313,19 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
             torch.set_rng_state(ck["rng_cpu"])
             if device.type == "cuda" and ck.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(ck["rng_cuda"])
+            if multi:
+                _restore_rank_rng(ck, dist, device)
             start = out.resumed_from = int(ck["step"])
             out.history = list(ck["history"])
         else:
             warnings.warn(f"checkpoint '{ckpt_path}' belongs to other params (hash {ck.get('params_hash')}, "
                           f"now {phash}): starting from step 0 and overwriting it", stacklevel=2)
 
-    loader = build_train_loader(p, dataset_dir, index, start, t.iterations, device, label_root)
+    if multi and len(set(starts := D.all_gather_object(start))) > 1:
+        raise RuntimeError(f"the training processes would resume from different steps {starts}: the checkpoint "
+                           f"'{ckpt_path}' must be the same file for every node (a shared filesystem)")
+    loader = build_train_loader(p, dataset_dir, index, start, t.iterations, device, label_root,
+                                dist.rank, dist.world_size)
     base_ids = torch.tensor(split["base"], dtype=torch.long, device=device)
     novel_ids = torch.tensor(split["novel"], dtype=torch.long, device=device)
     hint = f" (last good checkpoint kept at '{ckpt_path}')"
@@ -281,24 +336,40 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         if (bad := _first_nonfinite(model, criterion)) is not None:
             raise NonFiniteLossError(f"non-finite weights after step {step}: {bad} (non-finite gradients?); "
                                      f"checkpoint not written" + hint)
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            "params": to_dict(p), "params_hash": phash, "history": out.history, "num_classes": num_classes})
-        if on_checkpoint is not None:
-            on_checkpoint(ckpt_path)
+        extra = {}
+        if multi:   # every rank's RNG states, so that each resumes its own dropout stream
+            rngs = D.all_gather_object((torch.get_rng_state(),
+                                        torch.cuda.get_rng_state() if device.type == "cuda" else None))
+            extra = {"world_size": dist.world_size, "rng_cpu_ranks": [r[0] for r in rngs],
+                     "rng_cuda_ranks": [r[1] for r in rngs]}
+        if not multi or dist.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "params": to_dict(p), "params_hash": phash, "history": out.history, "num_classes": num_classes,
+                **extra})
+            if on_checkpoint is not None:
+                on_checkpoint(ckpt_path)
+        if multi:
+            D.barrier()     # no rank runs ahead of (or reads) a checkpoint still being written
 
     model.train()
     criterion.train()
-    bar = tqdm(total=t.iterations, initial=start, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+    bar = tqdm(total=t.iterations, initial=start, disable=not progress or not dist.is_main, desc="train", unit="it",
+               dynamic_ncols=True)
+    step_kw = {}
+    if multi:
+        crit_params = [q for q in criterion.parameters() if q.requires_grad]
+        step_kw = {"rank": dist.rank, "all_finite": D.all_true,
+                   "sync_grads": (lambda: D.average_gradients(crit_params)) if crit_params else None}
     t0 = time.perf_counter()
     window_t, window_n, running = time.perf_counter(), 0, {}
     step = start
     for batch in loader:
         try:
             loss, losses = train_step(forward, criterion, opt, sched, batch, p, step, device, fast,
-                                      base_ids, novel_ids, nonfinite_hint=hint)
+                                      base_ids, novel_ids, nonfinite_hint=hint, **step_kw)
         except (ValueError, RuntimeError) as e:   # e.g. the matcher on NaN logits: say why, on failure only
             if isinstance(e, NonFiniteLossError) or (bad := _first_nonfinite(model, criterion)) is None:
                 raise
@@ -313,10 +384,12 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         running["loss"] = running.get("loss", 0.0) + loss.detach().double()
         if step % t.log_interval == 0 or step == t.iterations:
             n = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
+            if multi:       # means over the ranks (each rank's losses are its share of the global batch's)
+                running = D.all_reduce_mean(running)
             running = {k: float(v) for k, v in running.items()}      # the CPU-GPU sync point
             dt = time.perf_counter() - window_t
             rec = {"step": step, **{k: v / n for k, v in running.items()},
-                   "lr": opt.param_groups[0]["lr"], "images_per_s": window_n / max(dt, 1e-9)}
+                   "lr": opt.param_groups[0]["lr"], "images_per_s": window_n * dist.world_size / max(dt, 1e-9)}
             out.history.append(rec)
             if on_log is not None:
                 on_log(step, rec)
@@ -328,6 +401,44 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
     bar.close()
     out.steps, out.seconds = step, time.perf_counter() - t0
     return model, out
+
+
+def _rank_device(device: torch.device, dist: D.DistInfo) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` on CUDA (made the current device), else ``device``."""
+    if device.type != "cuda":
+        return device
+    dev = torch.device("cuda", dist.local_rank)
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def _wrap_ddp(model: torch.nn.Module, fast: FastPath, device: torch.device, p: Params) -> Callable:
+    """``model`` (channels_last applied in place) in DistributedDataParallel, compiled when
+    ``fast.compile``. Every parameter takes part in the loss unless a whole family of losses is
+    switched off; only then does DDP search the graph for unused ones (slower)."""
+    from dataclasses import replace
+
+    from torch.nn.parallel import DistributedDataParallel
+    prepare_model(model, replace(fast, compile=False))
+    lc = p.loss
+    no_mask_loss = lc.focal_weight == 0 and lc.dice_weight == 0 and lc.comp_weight == 0 and lc.pp_weight == 0
+    no_class_loss = lc.cls_weight == 0 and lc.pp_weight == 0
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=no_mask_loss or no_class_loss)
+    return torch.compile(ddp) if fast.compile else ddp
+
+
+def _restore_rank_rng(ck: dict, dist: D.DistInfo, device: torch.device) -> None:
+    """This rank's RNG states from a multi-process checkpoint of the same world size; otherwise
+    (another number of processes) ranks > 0 take their fresh per-rank seed."""
+    cpu, cuda = ck.get("rng_cpu_ranks"), ck.get("rng_cuda_ranks")
+    if cpu is not None and len(cpu) == dist.world_size:
+        torch.set_rng_state(cpu[dist.rank])
+        if device.type == "cuda" and cuda is not None and cuda[dist.rank] is not None:
+            torch.cuda.set_rng_state(cuda[dist.rank])
+    elif dist.rank:
+        p_seed = int(ck["params"]["base"]["seed"])
+        torch.manual_seed(p_seed * 1_000_003 + (dist.rank << 48) + int(ck["step"]))
 
 
 def _first_nonfinite(*modules: torch.nn.Module) -> str | None:

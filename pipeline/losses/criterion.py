@@ -4,6 +4,14 @@ plus SimLoss and DistLoss (``similarity.py``) on the last decoder layer.
 ``forward`` returns a dict of named, *unweighted* losses; ``weight_dict`` gives each
 name's weight (aux-layer names carry a ``_<layer>`` suffix). The training loop sums
 ``loss * weight_dict[name]``. A term whose weight is 0 is not computed at all.
+
+Multi-process training: each loss divides a sum over the batch by a count (matched base
+masks, images with novel targets, the class weights of the queries). The optional
+``normalizer`` hook (``SetCriterion.normalizer``; ``pipeline.engine.distributed.GlobalCount``)
+maps a rank's local count to ``(count summed over the ranks) / world_size``, so that the
+gradients DDP averages equal the single-process ones of the whole global batch (MaskFormer's
+``num_masks`` all-reduce). Without it (the default) the local count is used. Every rank
+calls the hook the same number of times, also when its own count is 0 (it is a collective).
 """
 from __future__ import annotations
 
@@ -20,12 +28,24 @@ def _upsample(masks: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def classification_loss(pred_logits, targets, indices, num_classes: int, empty_weight: torch.Tensor):
-    """**ClsLoss**: CE over K+1; matched queries take their base or novel label, the rest no-object."""
+def _denominator(n, normalizer, like: torch.Tensor):
+    """The local count ``n``, or ``normalizer(n)`` (see the module docstring) as ``like``'s dtype."""
+    if normalizer is None:
+        return n
+    return normalizer(n, like.device).to(like.dtype)
+
+
+def classification_loss(pred_logits, targets, indices, num_classes: int, empty_weight: torch.Tensor,
+                        normalizer=None):
+    """**ClsLoss**: CE over K+1; matched queries take their base or novel label, the rest no-object
+    (weighted mean: divided by the sum of the queries' class weights)."""
     b, q = pred_logits.shape[:2]
     target_classes = torch.full((b, q), num_classes, dtype=torch.int64, device=pred_logits.device)
     for i, (src, tgt) in enumerate(indices):
         target_classes[i, src.to(pred_logits.device)] = targets[i]["labels"][tgt.to(targets[i]["labels"].device)]
+    if normalizer is not None:
+        total = F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, empty_weight, reduction="sum")
+        return total / _denominator(empty_weight[target_classes].sum(), normalizer, total)
     return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, empty_weight)
 
 
@@ -36,7 +56,7 @@ def _point_sample(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 def mask_loss(pred_masks, targets, indices, alpha: float, gamma: float, num_points: int = 0,
-              generator: torch.Generator | None = None):
+              generator: torch.Generator | None = None, normalizer=None):
     """**MaskLoss** (base only): sigmoid focal and dice over matched base masks, each summed over
     masks and divided by the number of base masks in the batch. Returns (focal, dice)."""
     src, tgt = [], []
@@ -46,6 +66,8 @@ def mask_loss(pred_masks, targets, indices, alpha: float, gamma: float, num_poin
             src.append(pred_masks[i][qi[keep].to(pred_masks.device)])
             tgt.append(targets[i]["masks"][ti[keep].to(pred_masks.device)])
     if not src:
+        if normalizer is not None:      # a collective: take part with a count of 0
+            normalizer(0, pred_masks.device)
         zero = pred_masks.sum() * 0.0
         return zero, zero
     src, tgt = torch.cat(src), torch.cat(tgt)
@@ -56,13 +78,15 @@ def mask_loss(pred_masks, targets, indices, alpha: float, gamma: float, num_poin
     else:
         src_p = _upsample(src[:, None], tgt.shape[-2:])[:, 0].flatten(1)
         tgt_p = tgt.flatten(1)
-    focal = sigmoid_focal_loss(src_p, tgt_p, alpha, gamma).sum() / n
+    focal = sigmoid_focal_loss(src_p, tgt_p, alpha, gamma).sum()
+    n = _denominator(n, normalizer, focal)
+    focal = focal / n
     dice = dice_loss(src_p, tgt_p).sum() / n
     return focal, dice
 
 
 def complementary_loss(pred_masks, targets, indices, bg_logit: float, focal_weight: float, dice_weight: float,
-                       alpha: float, gamma: float):
+                       alpha: float, gamma: float, normalizer=None):
     """**CompLoss**: for each image with novel targets, P = pixel-wise max over the mask logits of
     the queries matched to novel classes and a constant logit ``bg_logit``; G = 1 - union of the
     base masks; padding excluded; ``focal_weight * focal + dice_weight * dice``, averaged over
@@ -82,6 +106,9 @@ def complementary_loss(pred_masks, targets, indices, bg_logit: float, focal_weig
         w = t["valid"].flatten()[None]
         losses.append(focal_weight * sigmoid_focal_loss(p, g, alpha, gamma, w)
                       + dice_weight * dice_loss(p, g, w))
+    if normalizer is not None:
+        n = _denominator(len(losses), normalizer, pred_masks.float())    # a collective, also for 0 images
+        return torch.cat(losses).sum() / n if losses else pred_masks.sum() * 0.0
     if not losses:
         return pred_masks.sum() * 0.0
     return torch.cat(losses).mean()
@@ -94,6 +121,7 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.num_classes, self.matcher, self.cfg = num_classes, matcher, cfg
         self.similarity = similarity
+        self.normalizer = None      # multi-process training: GlobalCount (see the module docstring)
         empty = torch.ones(num_classes + 1)
         empty[-1] = cfg.no_object_weight
         self.register_buffer("empty_weight", empty)
@@ -115,15 +143,15 @@ class SetCriterion(nn.Module):
         losses = {}
         if cfg.cls_weight > 0:
             losses["loss_ce"] = classification_loss(outputs["pred_logits"], targets, indices, self.num_classes,
-                                                    self.empty_weight)
+                                                    self.empty_weight, self.normalizer)
         if cfg.focal_weight > 0 or cfg.dice_weight > 0:
             losses["loss_mask"], losses["loss_dice"] = mask_loss(outputs["pred_masks"], targets, indices,
                                                                  cfg.focal_alpha, cfg.focal_gamma,
-                                                                 cfg.mask_points, generator)
+                                                                 cfg.mask_points, generator, self.normalizer)
         if cfg.comp_weight > 0:
             losses["loss_comp"] = complementary_loss(outputs["pred_masks"], targets, indices, cfg.comp_bg_logit,
                                                      cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha,
-                                                     cfg.focal_gamma)
+                                                     cfg.focal_gamma, self.normalizer)
         return losses, indices
 
     def forward(self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None) -> dict:
@@ -133,7 +161,8 @@ class SetCriterion(nn.Module):
                 aux_losses, _ = self.layer_losses(aux, targets, generator)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         if self.similarity is not None:
-            losses.update(self.similarity(outputs, targets, self.base_ids, self.novel_ids, generator))
+            kw = {} if self.normalizer is None else {"normalizer": self.normalizer}
+            losses.update(self.similarity(outputs, targets, self.base_ids, self.novel_ids, generator, **kw))
         return {k: v for k, v in losses.items() if k in self.weight_dict}
 
     def total(self, losses: dict) -> torch.Tensor:

@@ -180,7 +180,7 @@ class SimilarityStats(nn.Module):
 
 
 def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                       stats: SimilarityStats | MutableMapping[str, Any]) -> torch.Tensor:
+                       stats: SimilarityStats | MutableMapping[str, Any], normalizer=None) -> torch.Tensor:
     """Class-balanced binary cross-entropy of SimLoss.
 
     First the call's valid positive / negative pair counts are added to ``stats`` (a
@@ -192,6 +192,10 @@ def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Te
         L  = sum_valid [ -w+ * y * log p  -  w- * (1 - y) * log(1 - p) ] / #valid
 
     ``p`` is clamped to ``[1e-6, 1 - 1e-6]``. No valid pair gives 0.
+
+    ``normalizer`` (multi-process training, ``pipeline.engine.distributed.GlobalCount``): the
+    call's counts are summed over the ranks first, so every rank adds the same global counts
+    to ``stats``, and the sum is divided by ``#valid over the ranks / world_size``.
     """
     prob = prob.float().reshape(-1)
     y = target.float().reshape(-1)
@@ -199,6 +203,8 @@ def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Te
     pos_mask = v & (y > 0.5)
     neg_mask = v & ~(y > 0.5)
     n_pos, n_neg = pos_mask.sum(), neg_mask.sum()
+    if normalizer is not None:          # global counts (float64, one all-reduce)
+        n_pos, n_neg = normalizer.total(torch.stack([n_pos, n_neg])).unbind(0)
     if isinstance(stats, SimilarityStats):
         stats.update(n_pos, n_neg)
         tot_pos = stats.pos.to(device=prob.device, dtype=torch.float32)
@@ -213,13 +219,15 @@ def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Te
     p = prob.clamp(_EPS, 1.0 - _EPS)
     per_pair = -(w_pos * y * torch.log(p) + w_neg * (1.0 - y) * torch.log1p(-p))
     per_pair = torch.where(v, per_pair, torch.zeros_like(per_pair))
+    if normalizer is not None:
+        return per_pair.sum() / ((n_pos + n_neg).clamp_min(1) / normalizer.world_size).float()
     return per_pair.sum() / v.sum().clamp_min(1).float()
 
 
 def sim_loss(simnet: SimNet, mask_features: torch.Tensor, targets: Sequence[Mapping[str, torch.Tensor]],
              base_ids: torch.Tensor, stats: SimilarityStats | MutableMapping[str, Any],
              num_points: int = 100, num_base_points: int = 80,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, normalizer=None) -> torch.Tensor:
     """**SimLoss**: SimNet learns pixel-pair similarity from base-class labels.
 
     For every image pair (0, 1), (2, 3), ...: sample pixels with
@@ -227,11 +235,15 @@ def sim_loss(simnet: SimNet, mask_features: torch.Tensor, targets: Sequence[Mapp
     *detached* ``mask_features`` (so only SimNet is trained by this loss), label them with
     :func:`similarity_targets`, and score the SimNet probabilities of all pairs of the batch
     (one SimNet call) with :func:`class_balanced_bce`. Fewer than 2 images: 0, no SimNet call.
+    ``normalizer``: see :func:`class_balanced_bce`.
     """
     feats = mask_features.detach()
     bsz, c, h, w = feats.shape
     pairs = _image_pairs(bsz)
     if not pairs:
+        if normalizer is not None:      # the count reduction is a collective: take part with no pairs
+            empty = feats.new_zeros((0,), dtype=torch.float32)
+            class_balanced_bce(empty, empty, empty.bool(), stats, normalizer)
         return feats.new_zeros((), dtype=torch.float32)
     rows_a, rows_b, tgts, vals = [], [], [], []
     for a, b in pairs:
@@ -248,6 +260,8 @@ def sim_loss(simnet: SimNet, mask_features: torch.Tensor, targets: Sequence[Mapp
         tgts.append(t.reshape(-1))
         vals.append(v.reshape(-1))
     prob = simnet(torch.cat(rows_a), torch.cat(rows_b))
+    if normalizer is not None:
+        return class_balanced_bce(prob, torch.cat(tgts), torch.cat(vals), stats, normalizer)
     return class_balanced_bce(prob, torch.cat(tgts), torch.cat(vals), stats)
 
 
@@ -300,7 +314,8 @@ def _shares_novel(t_a: Mapping[str, torch.Tensor], t_b: Mapping[str, torch.Tenso
 
 def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
               base_ids: torch.Tensor, novel_ids: torch.Tensor, pp_points: int = 100, pp_form: str = "cce",
-              pp_pairing: str = "cross_image", generator: torch.Generator | None = None) -> torch.Tensor:
+              pp_pairing: str = "cross_image", generator: torch.Generator | None = None,
+              normalizer=None) -> torch.Tensor:
     """**DistLoss**: distil SimNet's pixel-pair similarity onto the novel score maps.
 
     Only image pairs (0, 1), (2, 3), ... whose image-level novel labels
@@ -326,6 +341,9 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
     The loss is :func:`pixel_pair_distillation` averaged over the pairs of all eligible image
     pairs. Gradients reach ``pred_logits`` / ``pred_masks`` only, never SimNet or
     ``mask_features`` (through this path). No eligible pair: 0 and no SimNet call.
+
+    ``normalizer`` (multi-process training): the sum over this rank's eligible image pairs is
+    divided by ``normalizer(#eligible pairs)`` (their number over the ranks / world_size).
     """
     if pp_pairing not in ("cross_image", "within_image"):
         raise ValueError(f"unknown pp_pairing {pp_pairing!r}; allowed: cross_image, within_image")
@@ -356,6 +374,8 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         if idx[0].numel() == 0 or idx[1].numel() == 0:
             continue
         sel.append((a, b, idx[0].to(feats.device), idx[1].to(feats.device)))
+    if normalizer is not None:
+        count = normalizer(len(sel), zero.device).float()    # a collective: also with no eligible pair
     if not sel:
         return zero
 
@@ -378,6 +398,8 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         sb = sa if pp_pairing == "within_image" else scores(b, ib)
         student = F.relu(sa @ sb.t())
         losses.append(pixel_pair_distillation(teacher, student, pp_form))
+    if normalizer is not None:
+        return torch.stack(losses).sum() / count
     return torch.stack(losses).mean()
 
 
@@ -428,14 +450,15 @@ class DualSimilarityLoss(nn.Module):
 
     def forward(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
                 base_ids: torch.Tensor, novel_ids: torch.Tensor, generator: torch.Generator | None = None,
-                sim_enabled: bool | None = None, pp_enabled: bool | None = None) -> dict[str, torch.Tensor]:
+                sim_enabled: bool | None = None, pp_enabled: bool | None = None,
+                normalizer=None) -> dict[str, torch.Tensor]:
         sim_on = self.sim_weight > 0 if sim_enabled is None else bool(sim_enabled)
         pp_on = self.pp_weight > 0 if pp_enabled is None else bool(pp_enabled)
         out: dict[str, torch.Tensor] = {}
         if sim_on:
             out["loss_sim"] = sim_loss(self.simnet, outputs["mask_features"], targets, base_ids, self.stats,
-                                       self.sim_points, self.sim_base_points, generator)
+                                       self.sim_points, self.sim_base_points, generator, normalizer)
         if pp_on:
             out["loss_pp"] = dist_loss(self.simnet, outputs, targets, base_ids, novel_ids, self.pp_points,
-                                       self.pp_form, self.pp_pairing, generator)
+                                       self.pp_form, self.pp_pairing, generator, normalizer)
         return out

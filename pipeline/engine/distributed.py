@@ -1,0 +1,209 @@
+"""Multi-process training (DistributedDataParallel under ``torchrun``): process group set-up,
+rank helpers and the reductions the training loop needs.
+
+One process per device; ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed` joins the group;
+:func:`current` describes this process (rank 0 of 1 when no group is initialised, so every
+helper here is a no-op in a single process). :func:`launch_argv` builds the ``torchrun``
+command the train stage re-launches itself with.
+
+The global batch of a step is split into contiguous per-rank slices; the loss normalisers
+(number of base masks, of images with novel targets, ...) are summed over the ranks by
+:class:`GlobalCount`, so that the gradient DDP averages equals the single-process gradient
+of the same global batch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process in the group: rank, world size, rank within its node, and its device."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    """True in a process started by ``torchrun`` (it sets ``LOCAL_RANK``)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown distributed backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise RuntimeError("train.dist_backend is 'nccl' but training runs on the CPU; use 'gloo' or 'auto'")
+    return backend
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's environment and pin this process to its
+    device (``cuda:LOCAL_RANK`` on CUDA). ``backend``: ``auto`` (nccl on CUDA, else gloo),
+    ``nccl`` or ``gloo``; ``device``: ``train.device``. Idempotent."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: train.nproc_per_node must be at most the "
+                               f"number of GPUs of a node ({torch.cuda.device_count()})")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        kw = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(resolve_backend(backend, dev), rank=rank, world_size=world, **kw)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def current() -> DistInfo:
+    """This process's place in the initialised group (rank 0 of 1 when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = (torch.device("cuda", torch.cuda.current_device())
+           if dist.get_backend() == "nccl" else torch.device("cpu"))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def is_main() -> bool:
+    return current().is_main
+
+
+def barrier() -> None:
+    if current().distributed:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _reduce_device(like: torch.device | None = None) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors (and CUDA ones, through copies).
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like if like is not None else torch.device("cpu")
+
+
+def all_reduce_mean(values: Mapping[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
+    """The mean over ranks of each value (float64 tensors; keys reduced in sorted order, so ranks
+    must hold the same keys). Identity (as float64 tensors) in a single process."""
+    keys = sorted(values)
+    if not keys:
+        return {}
+    first = values[keys[0]]
+    like = first.device if torch.is_tensor(first) else None
+    dev = _reduce_device(like) if current().distributed else (like or torch.device("cpu"))
+    buf = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(dev) for k in keys])
+    if current().distributed:
+        dist.all_reduce(buf)
+        buf = buf / dist.get_world_size()
+    return dict(zip(keys, buf.unbind(0)))
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (a list of one in a single process)."""
+    info = current()
+    if not info.distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average ``.grad`` of ``params`` over the ranks in one all-reduce (for parameters DDP does
+    not own, e.g. SimNet in the criterion). A parameter keeps ``grad = None`` when no rank has a
+    gradient for it, so the optimizer skips it exactly as in a single process."""
+    info = current()
+    params = [q for q in params if q.requires_grad]
+    if not info.distributed or not params:
+        return
+    dev = _reduce_device(params[0].device)
+    flat = [(q.grad if q.grad is not None else torch.zeros_like(q)).detach().reshape(-1).to(dev, torch.float32)
+            for q in params]
+    has = torch.tensor([q.grad is not None for q in params], dtype=torch.float32, device=dev)
+    buf = torch.cat([*flat, has])
+    dist.all_reduce(buf)
+    sizes = [q.numel() for q in params]
+    chunks = buf[:sum(sizes)].split(sizes)
+    for q, g, n in zip(params, chunks, buf[sum(sizes):].tolist()):
+        if n == 0:
+            q.grad = None
+        else:
+            avg = (g / info.world_size).view_as(q).to(q.device, q.dtype)
+            if q.grad is None:
+                q.grad = avg
+            else:
+                q.grad.copy_(avg)
+
+
+class GlobalCount:
+    """The loss normaliser hook of the criterion in a multi-process run.
+
+    ``total(n)``: the sum of the per-rank counts ``n`` over all ranks (one all-reduce).
+    ``self(n)``: ``total(n) / world_size``: dividing each rank's *sum* of a loss term by this
+    and letting DDP average the ranks' gradients gives the single-process normalisation
+    (sum over the global batch / global count), as MaskFormer does with ``num_masks``.
+    Every rank must call it the same number of times in the same order (it is a collective).
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = int(world_size)
+
+    def total(self, n, device: torch.device | None = None) -> torch.Tensor:
+        like = n.device if torch.is_tensor(n) else device
+        dev = _reduce_device(like)
+        t = (n.detach().to(dev, torch.float64, copy=True) if torch.is_tensor(n)
+             else torch.tensor(float(n), dtype=torch.float64, device=dev))
+        dist.all_reduce(t)
+        return t.to(like) if like is not None else t
+
+    def __call__(self, n, device: torch.device | None = None) -> torch.Tensor:
+        return self.total(n, device) / self.world_size
+
+
+def launch_argv(nproc_per_node: int, nnodes: int, node_rank: int, master_addr: str, master_port: int,
+                module: str, argv: Sequence[str], python: str | None = None) -> list[str]:
+    """The ``torchrun`` command (as ``python -m torch.distributed.run``) that runs
+    ``python -m module argv...`` in ``nproc_per_node`` processes on this node."""
+    return [python or sys.executable, "-m", "torch.distributed.run",
+            "--nproc_per_node", str(nproc_per_node), "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--master_addr", str(master_addr), "--master_port", str(master_port),
+            "-m", module, *map(str, argv)]
+
+
+def all_true(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise AND of a bool tensor over the ranks (identity in a single process)."""
+    if not current().distributed:
+        return flags
+    t = flags.to(_reduce_device(flags.device), torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.to(flags.device).bool()
