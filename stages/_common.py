@@ -24,6 +24,18 @@ def parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     return ap
 
 
+def add_inputs(ap: argparse.ArgumentParser, *, model: bool = False, required: bool = True,
+               mlflow: bool = True) -> None:
+    """The inputs most stages share: the prepared dataset, the split, the trained model."""
+    ap.add_argument("--dataset-dir", type=Path, required=required, help="prepared dataset folder (download stage)")
+    ap.add_argument("--split-dir", type=Path, required=required,
+                    help="split folder: split.json, index.json (prepare stage)")
+    if model:
+        ap.add_argument("--model", type=Path, required=required, help="trained model file (train stage)")
+    if mlflow:
+        ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
 def load_params(path: Path) -> tuple[Params, str]:
     """Validated params and the file's text (logged whole to MLflow)."""
     p, text, _ = load_params_raw(path)

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages._common import (load_params_raw, open_tracker, parser, read_json, run, step_logger, write_curve,
+from stages._common import (add_inputs, load_params_raw, open_tracker, parser, read_json, run, step_logger, write_curve,
                             write_eval_outputs)
 
 
 def main() -> None:
     ap = parser(__doc__)
+    add_inputs(ap)
     ap.add_argument("--variant", required=True, help="variant name (a key of ablation.variants)")
     ap.add_argument("--seed", type=int, required=True, help="the cell's seed (one of ablation.seeds)")
     ap.add_argument("--main-model", type=Path, required=True, help="the main training's model (train stage)")
-    ap.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset folder")
-    ap.add_argument("--split-dir", type=Path, required=True, help="split folder")
     ap.add_argument("--checkpoint", type=Path, required=True, help="the cell's resumable checkpoint")
     ap.add_argument("--out", type=Path, required=True, help="the cell's output folder")
-    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     main_p, params_text, raw = load_params_raw(args.params)
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages._common import load_params, open_tracker, parser, read_json, run, write_eval_outputs
+from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, write_eval_outputs
 
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--model", type=Path, required=True, help="trained model file (train stage output)")
-    ap.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset folder")
-    ap.add_argument("--split-dir", type=Path, required=True, help="split folder (index.json)")
+    add_inputs(ap, model=True)
     ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     ap.add_argument("--per-class", type=Path, required=True, help="per-class IoU CSV to write")
     ap.add_argument("--confusion", type=Path, required=True, help="confusion matrix .npy to write")
-    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     p, params_text = load_params(args.params)
 

@@ -8,25 +8,22 @@ import json
 import os
 from pathlib import Path
 
-from stages._common import load_params_raw, parser, read_json, run
+from stages._common import add_inputs, load_params_raw, parser, read_json, run
 
 
 def main() -> None:
     ap = parser(__doc__)
+    add_inputs(ap, model=True, required=False)
     ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON (evaluate stage)")
     ap.add_argument("--per-class", type=Path, required=True, help="per-class IoU CSV (evaluate stage)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV (train stage)")
     ap.add_argument("--retrain-metrics", type=Path, default=None,
                     help="metrics JSON of the pseudo-label retraining (retrain stage), if any")
     ap.add_argument("--cells", type=Path, default=None, help="ablation cells folder (ablate stages)")
-    ap.add_argument("--model", type=Path, default=None, help="main model, for the qualitative figure")
-    ap.add_argument("--dataset-dir", type=Path, default=None, help="prepared dataset (qualitative figure)")
-    ap.add_argument("--split-dir", type=Path, default=None, help="split folder (qualitative figure)")
     ap.add_argument("--out", type=Path, required=True, help="report markdown to write")
     ap.add_argument("--ablation-md", type=Path, default=None, help="ablation markdown to write")
     ap.add_argument("--html", type=Path, default=None, help="self-contained HTML report to write")
     ap.add_argument("--figures", type=Path, required=True, help="folder for the report's PNG figures")
-    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     p, params_text, raw = load_params_raw(args.params)
 

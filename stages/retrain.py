@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages._common import load_params, open_tracker, parser, read_json, run, step_logger, write_curve
+from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, step_logger, write_curve
 
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--model", type=Path, required=True, help="trained model (train stage output)")
-    ap.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset folder")
-    ap.add_argument("--split-dir", type=Path, required=True, help="split folder")
+    add_inputs(ap, model=True)
     ap.add_argument("--out", type=Path, required=True, help="folder for pseudo labels, checkpoint and retrained model")
     ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON of the retrained model")
-    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     p, params_text = load_params(args.params)
 

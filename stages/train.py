@@ -16,19 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages._common import load_params, open_tracker, parser, read_json, run, step_logger, write_curve
+from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, step_logger, write_curve
 
 
 def main() -> None:
     from pipeline.config import describe
     ap = parser(__doc__, epilog="params keys (params.yaml):\n" + describe())
-    ap.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset folder")
-    ap.add_argument("--split-dir", type=Path, required=True, help="split folder (split.json, index.json)")
+    add_inputs(ap)
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV to write")
     ap.add_argument("--run-name", default=None, help="MLflow run name (default: dataset-split-hash)")
-    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     p, params_text = load_params(args.params)
     split = read_json(args.split_dir / "split.json")
