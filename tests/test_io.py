@@ -43,3 +43,16 @@ def test_sigterm_unwinds_a_stage_like_ctrl_c(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and "cleanup ran" in r.stdout and "interrupted" in r.stderr
     assert r.returncode != -signal.SIGTERM and os.name == "posix"
+
+
+def test_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
+    from pipeline.io import atomic_dir
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "m.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
