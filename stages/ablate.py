@@ -8,6 +8,7 @@ again never duplicates it.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from stages._common import (add_inputs, load_params_raw, open_tracker, parser, read_json, run, step_logger, write_curve,
@@ -42,7 +43,8 @@ def main() -> None:
     tags = {"stage": "ablate", "variant": args.variant, "seed": str(args.seed)}
     tracker = None if args.no_mlflow else open_tracker(
         p, params_text, tags, f"{args.variant}-seed{args.seed}-{phash[:8]}", include_finished=True)
-    try:
+    # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
+    with tracker or contextlib.nullcontext():
         if shared:
             device = resolve_device(p.eval.device)
             model, _, _ = load_trained(args.main_model, device)
@@ -69,11 +71,6 @@ def main() -> None:
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             if not shared:
                 tracker.log_artifact(args.out / "model.pt", "model")
-            tracker.finish("FINISHED")
-    except BaseException:
-        if tracker:
-            tracker.finish("FAILED")
-        raise
     print(f"cell {args.variant}-{args.seed}: " + "  ".join(
         f"{k} {summary[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")))
 

@@ -4,6 +4,7 @@ image's labels, the rest ignored), retrain fully supervised on those labels, and
 that model like the first. With pseudo.enabled false it only records that it is off."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, step_logger, write_curve
@@ -43,7 +44,8 @@ def main() -> None:
     tracker = None if args.no_mlflow else open_tracker(
         rp, params_text, {"stage": "retrain", "pseudo_labels": "true"},
         f"{p.data.dataset}-split{p.data.split}-retrain-{phash[:8]}", phash=phash)
-    try:
+    # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
+    with tracker or contextlib.nullcontext():
         if tracker:
             tracker.log_metrics({f"pseudo_{k}": v for k, v in stats.items()})
         model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
@@ -57,11 +59,6 @@ def main() -> None:
         if tracker:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             tracker.log_artifact(args.out / "model.pt", "model")
-            tracker.finish("FINISHED")
-    except BaseException:
-        if tracker:
-            tracker.finish("FAILED")
-        raise
     print("retrained: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")))
 
 

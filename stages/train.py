@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import contextlib
 from pathlib import Path
 
 from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, step_logger, write_curve
@@ -45,7 +46,8 @@ def main() -> None:
         # rank 0 alone logs and writes files; the other ranks only train
         tracker = None if args.no_mlflow or not dist.is_main else open_tracker(p, params_text, {"stage": "train"},
                                                                                run_name)
-        try:
+        # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
+        with tracker or contextlib.nullcontext():
             model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
                                progress=not args.no_progress)
             if dist.is_main:
@@ -53,11 +55,6 @@ def main() -> None:
                 write_curve(args.curve, out.history)
             if tracker:
                 tracker.log_artifact(args.model, "model")
-                tracker.finish("FINISHED")
-        except BaseException:
-            if tracker:
-                tracker.finish("FAILED")
-            raise
     finally:
         D.cleanup()
     if dist.is_main:
