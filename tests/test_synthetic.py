@@ -113,7 +113,7 @@ def test_label_value_range_and_summary_frequency(small_ds):
     counts = np.zeros(24, np.int64)
     for p in sorted((out / "annotations_detectron2/train").glob("*.png")):
         lab = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-        assert lab.min() >= 0 and lab.max() <= 23
+        assert set(np.unique(lab).tolist()) <= set(range(24)) | {255}   # 255 = unlabelled clutter
         counts += np.bincount(lab.ravel(), minlength=24)[:24] > 0
     assert np.allclose(counts / 120, summary["class_image_frequency"]["train"], atol=1e-6)
 
@@ -146,6 +146,13 @@ def test_determinism_same_seed_bytes_different_seed_differs(small_ds, tmp_path):
     assert all((a / f).read_bytes() == (out / f).read_bytes() for f in files)
 
 
-def test_colour_alone_is_not_enough():
-    acc = S.colour_baseline_accuracy(seed=6, num_train=40, num_test=10, size=64)
-    assert 0.30 < acc < 0.70, acc
+def test_colour_alone_is_not_enough(small_ds):
+    """The nearest-mean-colour baseline (fitted on train with all classes) is far from perfect."""
+    from pipeline.data.splits import build_split
+    from pipeline.engine.baselines import trivial_baselines
+    out, summary = small_ds
+    split, index = build_split(out, "synthetic", 1, progress=False)
+    b = trivial_baselines(out, index, split)
+    assert 20.0 < b["nearest_colour"]["pAcc"] < 70.0, b["nearest_colour"]
+    assert b["majority"]["pAcc"] < b["nearest_colour"]["pAcc"]
+    assert 0.10 <= summary["unlabelled_fraction"]["train"] <= 0.30, summary["unlabelled_fraction"]

@@ -92,6 +92,15 @@ SPLITS: dict[int, list[int]] = {
 _ANGLE_JITTER = {1: 10.0, 0: 15.0, 9: 15.0, 19: 10.0, 17: 10.0}
 
 SPLIT_CODES = {"train": 0, "test": 1}
+
+# Unlabelled pixels (label 255 in train and test), as in the real data: a background region of
+# clutter in CLUTTER_REGION_P of the images, and 0/1/2 clutter objects with these probabilities.
+IGNORE = 255
+CLUTTER_REGION_P = 0.5
+CLUTTER_OBJECTS_P = (0.3, 0.45, 0.25)
+_CLUTTER_KINDS = ("stripes", "waves", "checker", "dots", "grid", "rings", "sectors", "noise")
+# things per image (inclusive range): enough that many crops hold two or more novel classes
+THINGS_PER_IMAGE = (2, 7)
 JPEG_QUALITY = 95
 
 
@@ -269,29 +278,49 @@ def _thing_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[
     return mask.astype(bool), (float(cx), float(cy)), float(side)
 
 
+def _render_clutter(rng: np.random.Generator, size: int, centre: tuple[float, float],
+                    xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Whole-frame RGB of an *unlabelled* texture: random colours, texture kind, period and angle,
+    so it is no class's colour pair + texture (ADE20K's "other", COCO-Stuff's "unlabeled")."""
+    c1 = rng.uniform(20.0, 235.0, 3)
+    c2 = np.clip(c1 + rng.normal(0.0, 60.0, 3), 0.0, 255.0)
+    kind = _CLUTTER_KINDS[int(rng.integers(len(_CLUTTER_KINDS)))]
+    period = rng.uniform(3.0, 24.0) * size / 128.0 if kind != "sectors" else float(rng.integers(3, 10) * 2)
+    t = _texture(rng, kind, size, period, rng.uniform(0.0, 180.0), centre, xx, yy)
+    t = t.astype(np.float32)
+    return c1.astype(np.float32)[None, None, :] + t[:, :, None] * (c2 - c1).astype(np.float32)[None, None, :]
+
+
 def generate_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its label: (RGB uint8 H x W x 3, label uint8 H x W, ids 0..23)."""
+    """One image and its label: (RGB uint8 H x W x 3, label uint8 H x W, ids 0..23, 255 = unlabelled)."""
     xx, yy = _grid(size)
     rgb = np.zeros((size, size, 3), np.float32)
     label = np.zeros((size, size), np.uint8)
 
     n_stuff = int(rng.choice([2, 3], p=[0.4, 0.6]))
-    stuff = rng.choice(STUFF_IDS, n_stuff, replace=False)
-    region = _stuff_layout(rng, size, n_stuff, xx, yy)
+    stuff = [int(c) for c in rng.choice(STUFF_IDS, n_stuff, replace=False)]
+    if rng.random() < CLUTTER_REGION_P:          # one background region is unlabelled clutter
+        stuff.append(IGNORE)
+    region = _stuff_layout(rng, size, len(stuff), xx, yy)
     for r, cid in enumerate(stuff):
         m = region == r
         centre = tuple(rng.uniform(0, size, 2))
-        tex = _render_class(rng, int(cid), size, centre, float(size), xx, yy)
+        tex = (_render_clutter(rng, size, centre, xx, yy) if cid == IGNORE
+               else _render_class(rng, cid, size, centre, float(size), xx, yy))
         rgb[m] = tex[m]
         label[m] = cid
 
-    n_things = int(rng.integers(1, 6))
-    things = rng.choice(THING_IDS, n_things, replace=False)
-    for cid in things:
+    n_things = int(rng.integers(THINGS_PER_IMAGE[0], THINGS_PER_IMAGE[1] + 1))
+    things = [int(c) for c in rng.choice(THING_IDS, n_things, replace=False)]
+    things += [IGNORE] * int(rng.choice(len(CLUTTER_OBJECTS_P), p=CLUTTER_OBJECTS_P))
+    order = rng.permutation(len(things))        # clutter objects occlude and are occluded like things
+    for k in order:
+        cid = things[k]
         m, centre, side = _thing_mask(rng, size)
         if not m.any():
             continue
-        tex = _render_class(rng, int(cid), size, centre, side, xx, yy)
+        tex = (_render_clutter(rng, size, centre, xx, yy) if cid == IGNORE
+               else _render_class(rng, cid, size, centre, side, xx, yy))
         rgb[m] = tex[m]
         label[m] = cid
 
@@ -318,13 +347,15 @@ def stem(split: str, index: int) -> str:
 def generate_dataset(out_dir, cfg: SyntheticConfig, seed: int, progress: bool = True) -> dict:
     """Write the prepared dataset layout (see docs/ARCHITECTURE.md) into ``out_dir`` atomically.
 
-    Returns a summary: image counts, per-class pixel frequencies (fraction of all pixels of
-    the split) and per-class image frequencies (fraction of images containing the class).
+    Returns a summary: image counts, per-class pixel frequencies (fraction of the labelled
+    pixels of the split), per-class image frequencies (fraction of images containing the
+    class) and the fraction of unlabelled (255) pixels per split.
     """
     out_dir = Path(out_dir)
     counts = {"train": int(cfg.num_train), "test": int(cfg.num_test)}
     size = int(cfg.image_size)
     pix = {s: np.zeros(NUM_CLASSES, np.int64) for s in counts}
+    unlabelled = {s: 0 for s in counts}
     imgs = {s: np.zeros(NUM_CLASSES, np.int64) for s in counts}
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
     with atomic_dir(out_dir) as tmp:
@@ -343,6 +374,7 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, seed: int, progress: bool = 
                     raise OSError(f"could not write {ann_dir / (name + '.png')}")
                 hist = np.bincount(label.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
                 pix[split] += hist
+                unlabelled[split] += int((label == IGNORE).sum())
                 imgs[split] += hist > 0
                 bar.update(1)
         bar.close()
@@ -355,31 +387,5 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, seed: int, progress: bool = 
         "num_classes": NUM_CLASSES,
         "class_pixel_frequency": {s: (pix[s] / max(1, pix[s].sum())).round(6).tolist() for s in counts},
         "class_image_frequency": {s: (imgs[s] / max(1, counts[s])).round(6).tolist() for s in counts},
+        "unlabelled_fraction": {s: round(unlabelled[s] / max(1, counts[s] * size * size), 6) for s in counts},
     }
-
-
-def colour_baseline_accuracy(seed: int = 6, num_train: int = 320, num_test: int = 80, size: int = 128) -> float:
-    """Pixel accuracy of a nearest-mean-colour per-pixel classifier (fit on train, test on test).
-
-    Generated in memory (no JPEG round trip). Classes absent from train are never predicted.
-    """
-    sums = np.zeros((NUM_CLASSES, 3))
-    cnt = np.zeros(NUM_CLASSES)
-    for i in range(num_train):
-        rgb, lab = generate_sample(sample_rng(seed, "train", i), size)
-        lab = lab.ravel()
-        for c in range(3):
-            sums[:, c] += np.bincount(lab, weights=rgb[..., c].ravel().astype(np.float64), minlength=NUM_CLASSES)
-        cnt += np.bincount(lab, minlength=NUM_CLASSES)
-    present = cnt > 0
-    means = sums[present] / cnt[present, None]
-    ids = np.flatnonzero(present)
-    correct = total = 0
-    for i in range(num_test):
-        rgb, lab = generate_sample(sample_rng(seed, "test", i), size)
-        x = rgb.reshape(-1, 3).astype(np.float64)
-        d = ((x[:, None, :] - means[None, :, :]) ** 2).sum(-1)
-        pred = ids[np.argmin(d, axis=1)]
-        correct += int((pred == lab.ravel()).sum())
-        total += lab.size
-    return correct / max(1, total)

@@ -1,0 +1,120 @@
+"""Training diagnostics of the dual similarity transfer (logged, never trained on).
+
+* :func:`pair_auc` - the area under the ROC curve of a pair score against "same class".
+* :func:`novel_pair_auc` - on pixel pairs drawn from **novel** ground-truth pixels of image
+  pairs, the AUC of SimNet's similarity (the teacher of DistLoss) and of the student's own
+  ReLU(cos) of novel score vectors. Ground truth is used here only to *measure*: DistLoss
+  can help only where the teacher ranks pairs better than the student already does.
+* :func:`loss_gradient_norms` - each paper loss's weighted gradient norm on a module (the
+  pixel decoder): how hard each term pulls on the shared features.
+
+Everything here runs on the step's existing graph and tensors, with its own random
+generator, in ``torch.no_grad`` where it can: it changes no weight, no RNG stream and no
+running statistic of the training.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import mannwhitneyu
+
+from ..data.dataset import IGNORE
+from ..losses.similarity import downsample_labels, novel_score_map
+
+# paper names of the criterion's terms (aux-layer copies ``loss_ce_0`` ... count with their term)
+PAPER_TERMS = {"loss_ce": "ClsLoss", "loss_mask": "MaskLoss", "loss_dice": "MaskLoss", "loss_comp": "CompLoss",
+               "loss_sim": "SimLoss", "loss_pp": "DistLoss"}
+
+
+def pair_auc(scores: np.ndarray | torch.Tensor, same: np.ndarray | torch.Tensor) -> float:
+    """ROC AUC of ``scores`` for the binary labels ``same`` (ties count one half); NaN
+    when either class is empty. Equals P(score of a random positive > score of a random negative)."""
+    s = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores, dtype=np.float64).ravel()
+    y = np.asarray(same.detach().cpu() if torch.is_tensor(same) else same).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape")
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    return float(mannwhitneyu(pos, neg, alternative="two-sided").statistic / (pos.size * neg.size))
+
+
+@torch.no_grad()
+def novel_pair_auc(simnet: torch.nn.Module | None, outputs: Mapping[str, torch.Tensor],
+                   targets: Sequence[Mapping[str, torch.Tensor]], novel_ids: torch.Tensor,
+                   points: int = 64, generator: torch.Generator | None = None) -> dict[str, float]:
+    """``{"auc_simnet", "auc_student", "novel_pairs"}`` over the image pairs (0, 1), (2, 3), ...
+
+    Per image ``points`` pixels (mask-feature resolution) drawn uniformly from its novel
+    ground-truth pixels; every cross-image pixel pair is scored by SimNet (eval mode: running
+    BatchNorm statistics, so the training batch statistics are untouched) and by the student
+    ReLU(cos(s(x_i), s(x_j))). Label: same novel class. Image pairs with no novel pixel on
+    either side are skipped; NaN when no pair of both kinds was seen.
+    """
+    feats = outputs["mask_features"].detach().float()
+    masks = outputs["pred_masks"].detach()
+    bsz, c, h, w = feats.shape
+    nov = novel_ids.reshape(-1).long().to(feats.device)
+    score_map = novel_score_map(outputs["pred_logits"].detach(), masks, nov)          # B x N x h x w
+    t_all, s_all, y_all = [], [], []
+    for a, b in ((2 * k, 2 * k + 1) for k in range(bsz // 2)):
+        picks = []
+        for i in (a, b):
+            lab = downsample_labels(targets[i]["sem_seg"], (h, w), targets[i].get("valid")).reshape(-1)
+            cand = torch.isin(lab, nov).nonzero().flatten().cpu()
+            if cand.numel() == 0:
+                break
+            idx = cand[torch.randint(0, cand.numel(), (points,), generator=generator)].to(feats.device)
+            picks.append((idx, lab[idx]))
+        if len(picks) < 2:
+            continue
+        (ia, la), (ib, lb) = picks
+        fa = feats[a].reshape(c, -1)[:, ia].t()
+        fb = feats[b].reshape(c, -1)[:, ib].t()
+        p = ia.numel()
+        sa = F.normalize(score_map[a].reshape(nov.numel(), -1)[:, ia].t(), dim=1, eps=1e-8)
+        sb = F.normalize(score_map[b].reshape(nov.numel(), -1)[:, ib].t(), dim=1, eps=1e-8)
+        s_all.append(F.relu(sa @ sb.t()).reshape(-1))
+        y_all.append((la[:, None] == lb[None, :]).reshape(-1))
+        if simnet is not None:
+            ra = fa[:, None, :].expand(p, p, c).reshape(-1, c)
+            rb = fb[None, :, :].expand(p, p, c).reshape(-1, c)
+            was_training = simnet.training
+            simnet.eval()
+            try:
+                t_all.append(simnet(ra, rb).float())
+            finally:
+                simnet.train(was_training)
+    if not y_all:
+        return {"auc_simnet": float("nan"), "auc_student": float("nan"), "novel_pairs": 0.0}
+    y = torch.cat(y_all)
+    return {"auc_simnet": pair_auc(torch.cat(t_all), y) if t_all else float("nan"),
+            "auc_student": pair_auc(torch.cat(s_all), y), "novel_pairs": float(y.numel())}
+
+
+def loss_gradient_norms(losses: Mapping[str, torch.Tensor], weight_dict: Mapping[str, float],
+                        params: Iterable[torch.nn.Parameter]) -> dict[str, float]:
+    """``{"grad_<PaperName>": norm}``: the L2 norm of d(weight * term)/d``params`` for each paper
+    loss (a term's aux-layer copies and MaskLoss's focal + dice summed first).
+
+    Uses ``retain_graph=True``: call it before the step's own ``backward``. A term that does not
+    reach ``params`` (SimLoss reads detached features) has norm 0.
+    """
+    params = [q for q in params if q.requires_grad]
+    grouped: dict[str, torch.Tensor] = {}
+    for name, value in losses.items():
+        stem = name.rstrip("0123456789").rstrip("_") if name[-1].isdigit() else name
+        paper = PAPER_TERMS.get(stem)
+        if paper is None or not value.requires_grad:
+            continue
+        term = value * float(weight_dict.get(name, 0.0))
+        grouped[paper] = grouped[paper] + term if paper in grouped else term
+    out = {}
+    for paper, term in grouped.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        sq = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
+        out[f"grad_{paper}"] = sq ** 0.5
+    return out
