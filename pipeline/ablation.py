@@ -54,17 +54,19 @@ def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
             hint = f" Did you mean 'ablation.{close[0]}'?" if close else ""
             raise ConfigError(f"unknown params key 'ablation.{k}'.{hint} Allowed keys: {', '.join(sorted(allowed))}")
-    seeds = raw.get("seeds", [6, 7])
+    if missing := sorted(allowed - set(raw)):         # params.yaml is the only place a value lives
+        raise ConfigError(f"params key 'ablation.{missing[0]}' is missing: the params file must set every key")
+    seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                             and s >= 0 for s in seeds):
         raise ConfigError(f"params key 'ablation.seeds': expected a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"params key 'ablation.seeds': {seeds!r} repeats a seed")
-    iterations = raw.get("iterations", 0)
+    iterations = raw["iterations"]
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ConfigError(f"params key 'ablation.iterations': expected an integer >= 0 (0 = train.iterations), "
                           f"got {iterations!r}")
-    variants = raw.get("variants", {})
+    variants = raw["variants"]
     if not isinstance(variants, Mapping) or not variants:
         raise ConfigError("params key 'ablation.variants': expected a mapping of variant name -> overrides")
     for name, ov in variants.items():

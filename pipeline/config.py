@@ -1,9 +1,11 @@
 """Typed configuration built from a params mapping (the parsed ``params.yaml``).
 
-Every params group is a frozen dataclass. ``build_params`` validates a whole mapping:
-unknown keys (with a did-you-mean hint), wrong types, values out of range and values not
-in an allowed set each raise :class:`ConfigError` naming the dotted key and what was
-expected. Nothing here reads a file: stages load YAML and pass the mapping in.
+Every params group is a frozen dataclass whose fields hold a key's type, allowed values or
+range and help text, never its value: ``params.yaml`` is the only place a value lives, and
+:func:`build_params` requires every key. It validates a whole mapping: missing keys, unknown
+keys (with a did-you-mean hint), wrong types, values out of range and values not in an
+allowed set each raise :class:`ConfigError` naming the dotted key and what was expected.
+Nothing here reads a file: stages load YAML and pass the mapping in.
 """
 from __future__ import annotations
 
@@ -34,150 +36,150 @@ class ConfigError(ValueError):
     """A params value is missing, misspelt, of the wrong type or out of range."""
 
 
-def _spec(default: Any = dataclasses.MISSING, *, choices=None, lo=None, hi=None, lo_open=False,
-          help: str = "", default_factory: Any = dataclasses.MISSING):
-    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+def _spec(*, choices=None, lo=None, hi=None, lo_open=False, help: str = ""):
+    """A params key: its allowed values or range and its help text. No default: the value
+    comes from the params file (params.yaml is the only place a value lives)."""
+    return field(metadata={"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help})
 
 
 @dataclass(frozen=True)
 class BaseConfig:
-    seed: int = _spec(6, lo=0, help="global seed: data generation, sampling, init, augmentation")
+    seed: int = _spec(lo=0, help="global seed: data generation, sampling, init, augmentation")
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    num_train: int = _spec(320, lo=4, help="training images generated")
-    num_test: int = _spec(80, lo=2, help="test images generated")
-    image_size: int = _spec(128, lo=32, hi=1024, help="side of the square generated images")
+    num_train: int = _spec(lo=4, help="training images generated")
+    num_test: int = _spec(lo=2, help="test images generated")
+    image_size: int = _spec(lo=32, hi=1024, help="side of the square generated images")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _spec("synthetic", choices=DATASETS, help="which dataset to download and prepare")
-    split: int = _spec(1, lo=1, help="official weak-shot split id (synthetic 1-4, ade20k 1-4, coco_stuff_10k 1-9)")
-    crop_size: int = _spec(128, lo=16, help="square training crop")
-    scale_min: float = _spec(0.5, lo=0.0, lo_open=True, help="random short-edge resize, lower factor of crop_size")
-    scale_max: float = _spec(1.5, lo=0.0, lo_open=True, help="random short-edge resize, upper factor of crop_size")
-    test_short_edge: int = _spec(0, lo=0, help="test-time short-edge resize (0 keeps the image size)")
-    test_max_edge: int = _spec(0, lo=0, help="test-time cap on the long edge (0 = no cap)")
-    url: str = _spec("", help="archive URL override (a mirror); empty = the official URL")
-    checksum: str = _spec("", help="'md5:<hex>' or 'sha256:<hex>' override; empty = the pinned checksum")
-    archive_dir: str = _spec("", help="folder that already holds the official archive; empty = the stage's raw folder")
-    prepare_workers: int = _spec(2, lo=1, help="parallel workers converting real-dataset labels")
-    synthetic: SyntheticConfig = _spec(default_factory=SyntheticConfig)
+    dataset: str = _spec(choices=DATASETS, help="which dataset to download and prepare")
+    split: int = _spec(lo=1, help="official weak-shot split id (synthetic 1-4, ade20k 1-4, coco_stuff_10k 1-9)")
+    crop_size: int = _spec(lo=16, help="square training crop")
+    scale_min: float = _spec(lo=0.0, lo_open=True, help="random short-edge resize, lower factor of crop_size")
+    scale_max: float = _spec(lo=0.0, lo_open=True, help="random short-edge resize, upper factor of crop_size")
+    test_short_edge: int = _spec(lo=0, help="test-time short-edge resize (0 keeps the image size)")
+    test_max_edge: int = _spec(lo=0, help="test-time cap on the long edge (0 = no cap)")
+    url: str = _spec(help="archive URL override (a mirror); empty = the official URL")
+    checksum: str = _spec(help="'md5:<hex>' or 'sha256:<hex>' override; empty = the pinned checksum")
+    archive_dir: str = _spec(help="folder that already holds the official archive; empty = the stage's raw folder")
+    prepare_workers: int = _spec(lo=1, help="parallel workers converting real-dataset labels")
+    synthetic: SyntheticConfig = _spec(help="the generated dataset (data.dataset: synthetic)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = _spec("resnet18", choices=BACKBONES)
-    pretrained: str = _spec("none", help="'imagenet', 'none' or a path to a torchvision ResNet state dict")
-    freeze_bn: bool = _spec(False, help="frozen BatchNorm (paper, with ImageNet init); train BN from scratch otherwise")
-    hidden_dim: int = _spec(128, lo=8, help="transformer width d (paper 256)")
-    num_queries: int = _spec(32, lo=1, help="learned queries (paper 100)")
-    nheads: int = _spec(4, lo=1, help="attention heads (paper 8)")
-    dec_layers: int = _spec(3, lo=1, help="transformer decoder layers (paper 6)")
-    dim_feedforward: int = _spec(512, lo=8, help="FFN width (paper 2048)")
-    dropout: float = _spec(0.1, lo=0.0, hi=1.0)
-    conv_dim: int = _spec(128, lo=8, help="FPN pixel decoder channels (paper 256)")
-    mask_dim: int = _spec(128, lo=8, help="mask feature / mask embedding channels (paper 256)")
-    gn_groups: int = _spec(32, lo=1, help="GroupNorm groups in the pixel decoder")
+    backbone: str = _spec(choices=BACKBONES, help="ResNet depth of the backbone (paper resnet50)")
+    pretrained: str = _spec(help="'imagenet', 'none' or a path to a torchvision ResNet state dict")
+    freeze_bn: bool = _spec(help="frozen BatchNorm (paper, with ImageNet init); train BN from scratch otherwise")
+    hidden_dim: int = _spec(lo=8, help="transformer width d (paper 256)")
+    num_queries: int = _spec(lo=1, help="learned queries (paper 100)")
+    nheads: int = _spec(lo=1, help="attention heads (paper 8)")
+    dec_layers: int = _spec(lo=1, help="transformer decoder layers (paper 6)")
+    dim_feedforward: int = _spec(lo=8, help="FFN width (paper 2048)")
+    dropout: float = _spec(lo=0.0, hi=1.0, help="dropout in the transformer decoder")
+    conv_dim: int = _spec(lo=8, help="FPN pixel decoder channels (paper 256)")
+    mask_dim: int = _spec(lo=8, help="mask feature / mask embedding channels (paper 256)")
+    gn_groups: int = _spec(lo=1, help="GroupNorm groups in the pixel decoder")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    # Matching costs (Hungarian): base = -p(class) + 20 focal + 1 dice; novel = -p(class)
-    match_class_cost: float = _spec(1.0, lo=0.0)
-    match_focal_cost: float = _spec(20.0, lo=0.0)
-    match_dice_cost: float = _spec(1.0, lo=0.0)
+    # Matching costs (Hungarian): base = -class * p(class) + focal * focal cost + dice * dice cost;
+    # novel = -class * p(class)
+    match_class_cost: float = _spec(lo=0.0, help="matching cost weight of -p(class)")
+    match_focal_cost: float = _spec(lo=0.0, help="matching cost weight of the sigmoid focal mask cost (base)")
+    match_dice_cost: float = _spec(lo=0.0, help="matching cost weight of the dice mask cost (base)")
     # ClsLoss and MaskLoss
-    cls_weight: float = _spec(1.0, lo=0.0, help="ClsLoss weight")
-    no_object_weight: float = _spec(0.1, lo=0.0, help="class weight of the no-object label in ClsLoss")
-    focal_weight: float = _spec(20.0, lo=0.0, help="MaskLoss / CompLoss sigmoid focal weight")
-    dice_weight: float = _spec(1.0, lo=0.0, help="MaskLoss / CompLoss dice weight")
-    focal_alpha: float = _spec(0.25, lo=0.0, hi=1.0)
-    focal_gamma: float = _spec(2.0, lo=0.0)
-    deep_supervision: bool = _spec(True, help="losses 2-4 on every decoder layer")
-    mask_points: int = _spec(0, lo=0, help="point-sampled MaskLoss with this many points (0 = dense)")
+    cls_weight: float = _spec(lo=0.0, help="ClsLoss weight")
+    no_object_weight: float = _spec(lo=0.0, help="class weight of the no-object label in ClsLoss")
+    focal_weight: float = _spec(lo=0.0, help="MaskLoss / CompLoss sigmoid focal weight")
+    dice_weight: float = _spec(lo=0.0, help="MaskLoss / CompLoss dice weight")
+    focal_alpha: float = _spec(lo=0.0, hi=1.0, help="sigmoid focal loss alpha")
+    focal_gamma: float = _spec(lo=0.0, help="sigmoid focal loss gamma")
+    deep_supervision: bool = _spec(help="losses 2-4 on every decoder layer")
+    mask_points: int = _spec(lo=0, help="point-sampled MaskLoss with this many points (0 = dense)")
     # CompLoss (complementary)
-    comp_weight: float = _spec(0.15, lo=0.0, help="complementary loss weight (0.15 COCO, 0.2 ADE); 0 = off")
-    comp_bg_logit: float = _spec(-2.9444, help="constant background logit in the complementary max")
+    comp_weight: float = _spec(lo=0.0, help="complementary loss weight (0.15 COCO, 0.2 ADE); 0 = off")
+    comp_bg_logit: float = _spec(help="constant background logit in the complementary max")
     # SimLoss (SimNet on base pixel pairs)
-    sim_weight: float = _spec(1.0, lo=0.0, help="SimLoss weight; 0 = off")
-    sim_points: int = _spec(100, lo=2, help="pixels sampled per image for SimLoss")
-    sim_base_points: int = _spec(80, lo=0, help="of sim_points, how many from a base class shared by the pair")
+    sim_weight: float = _spec(lo=0.0, help="SimLoss weight; 0 = off")
+    sim_points: int = _spec(lo=2, help="pixels sampled per image for SimLoss")
+    sim_base_points: int = _spec(lo=0, help="of sim_points, how many from a base class shared by the pair")
     # DistLoss (pixel-pixel distillation onto novel score maps)
-    pp_weight: float = _spec(0.3, lo=0.0, help="DistLoss weight (0.5 ADE, 0.1 COCO); 0 = off")
-    pp_form: str = _spec("cce", choices=PP_FORMS)
-    pp_points: int = _spec(100, lo=2, help="pixels sampled per image for DistLoss")
-    pp_pairing: str = _spec("cross_image", choices=PP_PAIRINGS,
-                            help="student pairs across the image pair (default) or within one image (released code)")
-    oracle: bool = _spec(False, help="fully supervised oracle: novel classes get their masks too (upper bound)")
+    pp_weight: float = _spec(lo=0.0, help="DistLoss weight (0.5 ADE, 0.1 COCO); 0 = off")
+    pp_form: str = _spec(choices=PP_FORMS, help="DistLoss form: cce (complementary cross-entropy) or ce")
+    pp_points: int = _spec(lo=2, help="pixels sampled per image for DistLoss")
+    pp_pairing: str = _spec(choices=PP_PAIRINGS,
+                            help="cross_image: student pairs across the image pair; within_image: within one image "
+                                 "(the released code)")
+    oracle: bool = _spec(help="fully supervised oracle: novel classes get their masks too (upper bound)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iterations: int = _spec(500, lo=1)
-    batch_size: int = _spec(8, lo=1, help="images per step (pairs: must be even when pair_sampling is on)")
-    lr: float = _spec(3e-4, lo=0.0, lo_open=True)
-    weight_decay: float = _spec(1e-4, lo=0.0)
-    backbone_lr_mult: float = _spec(1.0, lo=0.0, help="backbone lr multiplier (paper 0.1 with ImageNet init)")
-    poly_power: float = _spec(0.9, lo=0.0)
-    clip_grad_norm: float = _spec(0.01, lo=0.0, help="global L2 gradient clip; 0 = off")
-    device: str = _spec("auto", choices=DEVICES)
-    amp: bool = _spec(True, help="mixed precision (bf16) when on CUDA")
-    channels_last: bool = _spec(True, help="model and input images in channels_last memory format (CUDA only; "
-                                           "faster bf16 convolutions)")
-    tf32: bool = _spec(True, help="TF32 matmuls and cuDNN convolutions for fp32 work (CUDA only)")
-    fused_adamw: bool = _spec(True, help="fused AdamW optimizer kernel (CUDA only)")
-    compile: bool = _spec(False, help="torch.compile the model (any device; slow first steps, pays off on "
-                                      "long runs)")
-    workers: int = _spec(0, lo=0, help="DataLoader worker processes")
-    checkpoint_interval: int = _spec(100, lo=1, help="steps between checkpoints")
-    log_interval: int = _spec(10, lo=1, help="steps between logged losses")
-    pair_sampling: bool = _spec(True, help="batches of image pairs sharing a novel class")
-    threads: int = _spec(0, lo=0, help="torch CPU threads (0 = torch's default)")
+    iterations: int = _spec(lo=1, help="training steps")
+    batch_size: int = _spec(lo=1, help="images per step (pairs: must be even when pair_sampling is on)")
+    lr: float = _spec(lo=0.0, lo_open=True, help="AdamW learning rate (paper 1e-4)")
+    weight_decay: float = _spec(lo=0.0, help="AdamW weight decay (none on norms, biases, embeddings)")
+    backbone_lr_mult: float = _spec(lo=0.0, help="backbone lr multiplier (paper 0.1 with ImageNet init)")
+    poly_power: float = _spec(lo=0.0, help="poly learning-rate schedule: lr * (1 - step / iterations) ** power")
+    clip_grad_norm: float = _spec(lo=0.0, help="global L2 gradient clip; 0 = off")
+    device: str = _spec(choices=DEVICES, help="auto = cuda when available, else cpu")
+    amp: bool = _spec(help="mixed precision (bf16) when on CUDA")
+    channels_last: bool = _spec(help="model and input images in channels_last memory format (CUDA only; "
+                                     "faster bf16 convolutions)")
+    tf32: bool = _spec(help="TF32 matmuls and cuDNN convolutions for fp32 work (CUDA only)")
+    fused_adamw: bool = _spec(help="fused AdamW optimizer kernel (CUDA only)")
+    compile: bool = _spec(help="torch.compile the model (any device; slow first steps, pays off on "
+                               "long runs)")
+    workers: int = _spec(lo=0, help="DataLoader worker processes")
+    checkpoint_interval: int = _spec(lo=1, help="steps between checkpoints")
+    log_interval: int = _spec(lo=1, help="steps between logged losses")
+    pair_sampling: bool = _spec(help="batches of image pairs sharing a novel class")
+    threads: int = _spec(lo=0, help="torch CPU threads (0 = torch's default)")
     # Multi-process training (DistributedDataParallel under torchrun); batch_size is the global batch.
-    nproc_per_node: int = _spec(1, lo=1, help="training processes per node (one per GPU); > 1 (or nnodes > 1) "
-                                              "launches torchrun")
-    nnodes: int = _spec(1, lo=1, help="nodes taking part (run the stage on each, with its node_rank)")
-    node_rank: int = _spec(0, lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr)")
-    master_addr: str = _spec("127.0.0.1", help="address of node 0, reachable from every node")
-    master_port: int = _spec(29500, lo=1, hi=65535, help="free TCP port on node 0 for the rendezvous")
-    dist_backend: str = _spec("auto", choices=DIST_BACKENDS, help="process group backend (auto = nccl on CUDA, "
-                                                                  "else gloo)")
+    nproc_per_node: int = _spec(lo=1, help="training processes per node (one per GPU); > 1 (or nnodes > 1) "
+                                           "launches torchrun")
+    nnodes: int = _spec(lo=1, help="nodes taking part (run the stage on each, with its node_rank)")
+    node_rank: int = _spec(lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr)")
+    master_addr: str = _spec(help="address of node 0, reachable from every node")
+    master_port: int = _spec(lo=1, hi=65535, help="free TCP port on node 0 for the rendezvous")
+    dist_backend: str = _spec(choices=DIST_BACKENDS, help="process group backend (auto = nccl on CUDA, "
+                                                          "else gloo)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    device: str = _spec("auto", choices=DEVICES)
-    max_images: int = _spec(0, lo=0, help="evaluate only the first N test images (0 = all)")
+    device: str = _spec(choices=DEVICES, help="auto = cuda when available, else cpu")
+    max_images: int = _spec(lo=0, help="evaluate only the first N test images (0 = all)")
 
 
 @dataclass(frozen=True)
 class PseudoConfig:
-    enabled: bool = _spec(False, help="pseudo-label the train set with the trained model, then retrain on it")
-    iterations: int = _spec(0, lo=0, help="retraining iterations (0 = train.iterations)")
+    enabled: bool = _spec(help="pseudo-label the train set with the trained model, then retrain on it")
+    iterations: int = _spec(lo=0, help="retraining iterations (0 = train.iterations)")
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    title: str = _spec("SimFormer weak-shot segmentation")
-    smoothing: int = _spec(10, lo=1, help="moving-average window for training curves")
+    title: str = _spec(help="title of the report pages")
+    smoothing: int = _spec(lo=1, help="moving-average window for training curves")
 
 
 @dataclass(frozen=True)
 class Params:
-    base: BaseConfig = field(default_factory=BaseConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+    base: BaseConfig
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    eval: EvalConfig
+    pseudo: PseudoConfig
+    report: ReportConfig
 
 
 GROUPS = typing.get_type_hints(Params)
@@ -212,8 +214,6 @@ def _coerce(value: Any, tp, key: str):
 
 
 def _build(cls, values: Any, prefix: str):
-    if values is None:
-        values = {}
     if not isinstance(values, Mapping):
         raise ConfigError(f"params key '{prefix}': expected a mapping of keys, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -230,7 +230,8 @@ def _build(cls, values: Any, prefix: str):
         key = f"{prefix}.{name}"
         tp = hints[name]
         if name not in values:
-            continue
+            raise ConfigError(f"params key '{key}' is missing: the params file must set every key "
+                              f"(python -m stages.train --help lists them)")
         value = values[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key)
@@ -311,7 +312,11 @@ def build_params(raw: Mapping[str, Any] | None, groups: typing.Iterable[str] | N
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown params group '{k}'.{hint} Allowed groups: "
                           + ", ".join(sorted(list(GROUPS) + list(EXTRA_TOP_LEVEL))))
-    kwargs = {name: _build(tp, raw.get(name), name) for name, tp in GROUPS.items()}
+    missing = [g for g in GROUPS if g not in raw]
+    if missing:
+        raise ConfigError(f"params group '{missing[0]}' is missing: the params file must set every key "
+                          f"(python -m stages.train --help lists them)")
+    kwargs = {name: _build(tp, raw[name], name) for name, tp in GROUPS.items()}
     p = Params(**kwargs)
     _check_cross(p)
     return p
@@ -347,15 +352,56 @@ def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "mode
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def describe() -> str:
-    """Human-readable list of every key with its default and help (for --help texts)."""
+# Help of the keys validated outside the typed groups (pipeline/ablation.py), for describe().
+EXTRA_HELP = {
+    "ablation.seeds": "seeds of the grid; each variant trains once per seed",
+    "ablation.iterations": "training iterations of a grid cell (0 = train.iterations)",
+    "ablation.variants": "variant name -> overrides on top of the params above",
+}
+
+
+def _describe_spec(f: dataclasses.Field, tp) -> str:
+    m = f.metadata
+    if m.get("choices") is not None:
+        allowed = " | ".join(map(str, m["choices"]))
+    else:
+        allowed = _type_name(tp).removeprefix("an ").removeprefix("a ")
+        if m.get("lo") is not None:
+            allowed += f" {'>' if m.get('lo_open') else '>='} {m['lo']}"
+        if m.get("hi") is not None:
+            allowed += f" <= {m['hi']}"
+    return f"[{allowed}] {m.get('help', '')}".rstrip()
+
+
+def describe(raw: Mapping[str, Any]) -> str:
+    """Every params key with its value in ``raw`` (the parsed params file), its type or allowed
+    values and its help, for --help texts; nested groups (``data.synthetic.*``) and the
+    ``ablation`` group included."""
+    missing = object()
+
+    def group(tp, values, indent: str) -> list[str]:
+        values = values if isinstance(values, Mapping) else {}
+        hints, lines = typing.get_type_hints(tp), []
+        for f in dataclasses.fields(tp):
+            v = values.get(f.name, missing)
+            if dataclasses.is_dataclass(hints[f.name]):
+                lines += [f"{indent}{f.name}:  {f.metadata.get('help', '')}".rstrip()]
+                lines += group(hints[f.name], v, indent + "  ")
+            else:
+                shown = "(missing)" if v is missing else json.dumps(v)
+                lines.append(f"{indent}{f.name}: {shown}  {_describe_spec(f, hints[f.name])}")
+        return lines
+
     lines = []
     for gname, gtp in GROUPS.items():
+        lines += [f"{gname}:"] + group(gtp, raw.get(gname), "  ")
+    for gname in EXTRA_TOP_LEVEL:
         lines.append(f"{gname}:")
-        hints = typing.get_type_hints(gtp)
-        for f in dataclasses.fields(gtp):
-            if dataclasses.is_dataclass(hints[f.name]):
-                continue
-            help_ = f.metadata.get("help", "")
-            lines.append(f"  {f.name} = {f.default!r}  {help_}")
+        values = raw.get(gname) if isinstance(raw.get(gname), Mapping) else {}
+        for key in sorted({k.split(".")[1] for k in EXTRA_HELP if k.startswith(gname + ".")} | set(values)):
+            v, help_ = values.get(key, missing), EXTRA_HELP.get(f"{gname}.{key}", "")
+            if isinstance(v, Mapping):          # ablation.variants: one line per variant
+                lines += [f"  {key}:  {help_}"] + [f"    {k}: {json.dumps(x)}" for k, x in v.items()]
+            else:
+                lines.append(f"  {key}: {'(missing)' if v is missing else json.dumps(v)}  {help_}")
     return "\n".join(lines)

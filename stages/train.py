@@ -21,8 +21,7 @@ from stages._common import add_inputs, load_params, open_tracker, parser, read_j
 
 
 def main() -> None:
-    from pipeline.config import describe
-    ap = parser(__doc__, epilog="params keys (params.yaml):\n" + describe())
+    ap = parser(__doc__, epilog=params_help())
     add_inputs(ap)
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
@@ -62,6 +61,23 @@ def main() -> None:
         print(f"trained {out.steps} steps (resumed from {out.resumed_from}) in {out.seconds:.0f}s"
               + (f" on {dist.world_size} processes" if dist.distributed else "")
               + f"; final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
+
+
+def params_help(argv: list[str] | None = None) -> str:
+    """Every params key with the value in force in the --params file (read before --help prints)."""
+    import argparse
+
+    import yaml
+
+    from pipeline.config import describe
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params", type=Path, default=Path("params.yaml"))
+    path = pre.parse_known_args(argv)[0].params
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        return f"params keys: cannot read '{path}': {e}"
+    return f"params keys, with the values in force in '{path}':\n" + describe(raw if isinstance(raw, dict) else {})
 
 
 def torchrun_argv(p, argv: list[str]) -> list[str]:

@@ -40,9 +40,10 @@ def test_full_cell_shares_main_training_only_when_params_equal():
 
 
 @pytest.mark.parametrize("ablation, message", [
-    ({"seeds": [6, 6], "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
-    ({"seeds": "6", "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
-    ({"seeds": [6], "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
+    ({"seeds": [6, 6], "iterations": 0, "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
+    ({"seeds": "6", "iterations": 0, "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
+    ({"seeds": [6], "iterations": 0, "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
+    ({"seeds": [6], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
     ({"seeds": [6], "variant": {}}, "unknown params key 'ablation.variant'. Did you mean 'ablation.variants'?"),
     ({"seeds": [6], "iterations": -1, "variants": {"a": {}}}, "'ablation.iterations': expected an integer >= 0"),
 ])
@@ -53,7 +54,7 @@ def test_bad_grid_structure(ablation, message):
 
 
 def test_bad_override_names_variant_and_key():
-    grid = parse_ablation({"seeds": [6], "variants": {"typo": {"loss": {"pp_wieght": 0.5}}}})
+    grid = parse_ablation({"seeds": [6], "iterations": 0, "variants": {"typo": {"loss": {"pp_wieght": 0.5}}}})
     with pytest.raises(ConfigError) as e:
         cell_params(RAW, grid, "typo", 6)
     assert str(e.value).startswith("ablation variant 'typo': unknown params key 'loss.pp_wieght'")

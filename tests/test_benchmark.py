@@ -18,6 +18,7 @@ from pipeline.engine import train as train_mod
 from pipeline.engine.benchmark import PHASES, VARIANTS, PerImageMatcher, make_dataset
 from pipeline.engine.train import FastPath, build_criterion, prepare_model, train
 from pipeline.model import build_model
+from tests.conftest import file_params
 
 TINY = {
     "data": {"crop_size": 64, "synthetic": {"num_train": 16, "num_test": 4, "image_size": 64}},
@@ -32,29 +33,29 @@ SWITCHES = ("channels_last", "tf32", "fused_adamw", "compile")
 @pytest.mark.parametrize("key", SWITCHES)
 def test_fast_path_switches_validate(key):
     with pytest.raises(ConfigError, match=rf"params key 'train\.{key}': expected true or false, got 'yes'"):
-        build_params({"train": {key: "yes"}})
+        build_params(file_params({"train": {key: "yes"}}))
     with pytest.raises(ConfigError, match=rf"'train\.{key}': expected true or false"):
-        build_params({"train": {key: 1}})
-    assert getattr(build_params({"train": {key: False}}).train, key) is False
-    assert f"  {key} = " in describe()
+        build_params(file_params({"train": {key: 1}}))
+    assert getattr(build_params(file_params({"train": {key: False}})).train, key) is False
+    assert f"  {key}: " in describe(file_params())
 
 
-def test_fast_path_defaults_and_resolution():
-    t = build_params({}).train
-    assert (t.amp, t.channels_last, t.tf32, t.fused_adamw, t.compile) == (True, True, True, True, False)
+def test_fast_path_resolution():
+    on = {"amp": True, "channels_last": True, "tf32": True, "fused_adamw": True, "compile": False}
+    t = build_params(file_params({"train": on})).train
     cpu = FastPath.resolve(t, torch.device("cpu"))
     assert cpu == FastPath()                                    # CUDA-only switches are no-ops on the CPU
     assert FastPath.not_applied(t, torch.device("cpu")) == ["amp", "channels_last", "tf32", "fused_adamw"]
     cuda = FastPath.resolve(t, torch.device("cuda"))           # resolution only: no CUDA needed
     assert cuda == FastPath(amp=True, channels_last=True, tf32=True, fused_adamw=True, compile=False)
     assert FastPath.not_applied(t, torch.device("cuda")) == []
-    t2 = build_params({"train": {"compile": True, "channels_last": False}}).train
+    t2 = build_params(file_params({"train": {"compile": True, "channels_last": False}})).train
     assert FastPath.resolve(t2, torch.device("cpu")).compile is True
     assert FastPath.resolve(t2, torch.device("cuda")).channels_last is False
 
 
 def test_channels_last_yields_channels_last_parameters():
-    p = build_params(TINY)
+    p = build_params(file_params(TINY))
     model = build_model(p.model, 24)
     prepare_model(model, FastPath())
     convs = [w for w in model.parameters() if w.dim() == 4]
@@ -66,7 +67,7 @@ def test_channels_last_yields_channels_last_parameters():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    p = build_params(TINY)
+    p = build_params(file_params(TINY))
     return p, *make_dataset(tmp_path_factory.mktemp("bench_data"), p, 16, 4, 64)
 
 
@@ -114,7 +115,7 @@ def test_benchmark_help(capsys):
 def test_benchmark_tiny_writes_json_and_markdown(tmp_path):
     from stages.benchmark import main
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(TINY))
+    params.write_text(yaml.safe_dump(file_params(TINY)))
     out, md = tmp_path / "reports" / "bench.json", tmp_path / "reports" / "bench.md"
     main(["--params", str(params), "--out", str(out), "--md", str(md), "--steps", "2", "--warmup", "1",
           "--configs", "default,paper", "--variant-configs", "default",

@@ -1,14 +1,91 @@
+import dataclasses
+import json
+import typing
+
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, build_params, flatten, params_hash, to_dict
-from tests.conftest import ROOT
+from pipeline.config import ConfigError, Params, build_params, describe, flatten, params_hash, to_dict
+from tests.conftest import ROOT, file_params
 
 
 def test_params_yaml_is_valid_and_defaults_match():
     p = build_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert p.data.dataset == "synthetic" and p.loss.comp_weight == 0.15 and p.loss.sim_weight == 1.0
     assert p.loss.comp_bg_logit == pytest.approx(-2.9444)
+
+
+def _typed_keys(tp=Params, prefix="") -> list[str]:
+    hints, out = typing.get_type_hints(tp), []
+    for f in dataclasses.fields(tp):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _typed_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def test_values_live_only_in_params_yaml():
+    """No dataclass field has a default: every value comes from the params file, which sets every key."""
+    def fields(tp):
+        hints = typing.get_type_hints(tp)
+        for f in dataclasses.fields(tp):
+            yield f, dataclasses.is_dataclass(hints[f.name])
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from fields(hints[f.name])
+    with_default = [f.name for f, _ in fields(Params)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert with_default == []
+    assert [f.name for f, group in fields(Params) if not group and not f.metadata.get("help")] == []
+    flat = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert sorted(k for k in flat if not k.startswith("ablation.")) == sorted(_typed_keys())
+    assert {"ablation.seeds", "ablation.iterations"} <= set(flat)
+
+
+@pytest.mark.parametrize("drop, message", [
+    (("train", "lr"), "params key 'train.lr' is missing"),
+    (("data", "synthetic"), "params key 'data.synthetic' is missing"),
+    (("eval", None), "params group 'eval' is missing"),
+])
+def test_a_missing_key_is_an_error(drop, message):
+    raw = file_params()
+    group, key = drop
+    if key is None:
+        del raw[group]
+    else:
+        del raw[group][key]
+    with pytest.raises(ConfigError, match=message):
+        build_params(raw)
+
+
+def test_describe_lists_every_key_with_the_value_in_force():
+    raw = file_params({"train": {"lr": 0.00123}, "data": {"synthetic": {"num_train": 77}}})
+    text = describe(raw)
+    for key in _typed_keys():
+        *groups, name = key.split(".")
+        assert f"{'  ' * len(groups)}{name}: " in text, key
+    assert "  lr: 0.00123  [number > 0.0] AdamW learning rate" in text
+    assert "    num_train: 77  [integer >= 4] training images generated" in text
+    assert "ablation:\n" in text and f"  seeds: {json.dumps(raw['ablation']['seeds'])}  " in text
+    for variant in raw["ablation"]["variants"]:
+        assert f"    {variant}: " in text
+    assert "  backbone: \"resnet18\"  [resnet18 | resnet34 | resnet50 | resnet101]" in describe(
+        file_params({"model": {"backbone": "resnet18"}}))
+
+
+def test_train_help_prints_the_params_file_values(tmp_path):
+    """`python -m stages.train --help` lists every key with the value of the --params file."""
+    import subprocess
+    import sys
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(file_params({"train": {"iterations": 4321}, "ablation": {"iterations": 17}})))
+    r = subprocess.run([sys.executable, "-m", "stages.train", "--help", "--params", str(params)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"values in force in '{params}'" in r.stdout
+    assert "  iterations: 4321  [integer >= 1] training steps" in r.stdout
+    assert "  iterations: 17  training iterations of a grid cell" in r.stdout
+    assert "    image_size: " in r.stdout and "  variants:  " in r.stdout
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -25,23 +102,50 @@ def test_params_yaml_is_valid_and_defaults_match():
 ])
 def test_bad_params_name_key_and_allowed_values(raw, message):
     with pytest.raises(ConfigError) as e:
-        build_params(raw)
+        build_params(file_params(raw))
     assert message in str(e.value)
 
 
 def test_flatten_and_hash():
-    p = build_params({})
+    p = build_params(file_params({"loss": {"pp_weight": 0.25}, "data": {"synthetic": {"num_train": 40}}}))
     flat = flatten(to_dict(p))
-    assert flat["loss.pp_weight"] == p.loss.pp_weight and flat["data.synthetic.num_train"] == 320
-    assert params_hash(p) == params_hash(build_params({}))
-    assert params_hash(p) != params_hash(build_params({"loss": {"pp_weight": 0.5}}))
-    assert params_hash(p) == params_hash(build_params({"eval": {"max_images": 3}}))   # eval does not train
+    assert flat["loss.pp_weight"] == 0.25 and flat["data.synthetic.num_train"] == 40
+    assert params_hash(p) == params_hash(build_params(file_params({"loss": {"pp_weight": 0.25},
+                                                                   "data": {"synthetic": {"num_train": 40}}})))
+    assert params_hash(p) != params_hash(build_params(file_params({"loss": {"pp_weight": 0.5},
+                                                                   "data": {"synthetic": {"num_train": 40}}})))
+    q = build_params(file_params({"loss": {"pp_weight": 0.25}, "data": {"synthetic": {"num_train": 40}},
+                                  "eval": {"max_images": 3}}))
+    assert params_hash(p) == params_hash(q)                               # eval does not train
 
 
 def test_yaml_exponent_strings_are_numbers_for_float_keys():
     # PyYAML (YAML 1.1) loads `lr: 1e-4` as the string '1e-4'
     raw = yaml.safe_load("train:\n  lr: 1e-4\n")
     assert raw["train"]["lr"] == "1e-4"
-    assert build_params(raw).train.lr == pytest.approx(1e-4)
+    assert build_params(file_params(raw)).train.lr == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match=r"params key 'train.iterations': expected an integer, got '1e3'"):
-        build_params({"train": {"iterations": "1e3"}})
+        build_params(file_params({"train": {"iterations": "1e3"}}))
+
+
+def test_readme_quotes_params_yaml_values():
+    """Every value the README gives as a default is params.yaml's: the rows of its `| key | default |`
+    tables and its copy of the ablation grid."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    flat = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    rows, table = [], False
+    for line in readme.splitlines():
+        if line.startswith("| key | default |"):
+            table = True
+        elif not line.startswith("|"):
+            table = False
+        elif table and not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert len(rows) >= 20
+    for key, default, *_ in rows:
+        key = key.strip("`")
+        assert key in flat, key
+        assert yaml.safe_load(default) == flat[key], f"README says {key} = {default}, params.yaml {flat[key]!r}"
+    (grid,) = re.findall(r"```yaml\n(ablation:.*?)```", readme, flags=re.S)
+    assert yaml.safe_load(grid)["ablation"] == yaml.safe_load((ROOT / "params.yaml").read_text())["ablation"]

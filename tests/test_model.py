@@ -7,8 +7,8 @@ from pipeline.config import ModelConfig
 from pipeline.model import build_model, semantic_inference
 from pipeline.model.transformer_decoder import sine_position_encoding
 
-TINY = ModelConfig(hidden_dim=32, num_queries=5, nheads=2, dec_layers=2, dim_feedforward=64, conv_dim=32,
-                   mask_dim=16, gn_groups=8)
+TINY = ModelConfig(backbone="resnet18", pretrained="none", freeze_bn=False, hidden_dim=32, num_queries=5, nheads=2,
+                   dec_layers=2, dim_feedforward=64, dropout=0.1, conv_dim=32, mask_dim=16, gn_groups=8)
 
 
 def test_output_shapes_and_deep_supervision():
@@ -31,8 +31,9 @@ def test_frozen_bn_has_no_trainable_norm():
 
 
 def test_paper_r50_config_builds():
-    m = build_model(ModelConfig(backbone="resnet50", hidden_dim=256, num_queries=100, nheads=8, dec_layers=6,
-                                dim_feedforward=2048, conv_dim=256, mask_dim=256, freeze_bn=True), 171)
+    m = build_model(ModelConfig(backbone="resnet50", pretrained="none", hidden_dim=256, num_queries=100, nheads=8,
+                                dec_layers=6, dim_feedforward=2048, dropout=0.1, conv_dim=256, mask_dim=256,
+                                gn_groups=32, freeze_bn=True), 171)
     assert m.decoder.input_proj.in_channels == 2048
     assert m.class_embed.out_features == 172
     assert len(m.decoder.layers) == 6

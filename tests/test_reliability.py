@@ -485,14 +485,14 @@ def _criterion_fault(monkeypatch, at_call: int, how: str):
 
 
 def _record_checkpoints(monkeypatch) -> list[bytes]:
-    import pipeline.engine.train as T
-    real, saved = T.save_checkpoint, []
+    import pipeline.engine.checkpoint as C           # TrainState.save writes through it
+    real, saved = C.save_checkpoint, []
 
     def save(path, state):
         real(path, state)
         saved.append(Path(path).read_bytes())
 
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(C, "save_checkpoint", save)
     return saved
 
 

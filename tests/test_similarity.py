@@ -8,7 +8,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import LossConfig  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from pipeline.config import build_params  # noqa: E402
+from tests.conftest import file_params  # noqa: E402
 from pipeline.losses.similarity import (DualSimilarityLoss, SimilarityStats, class_balanced_bce,  # noqa: E402
                                         dist_loss, downsample_labels, novel_score_map,
                                         pixel_pair_distillation, sample_similarity_points, sim_loss,
@@ -323,7 +326,9 @@ def test_dual_loss_enabled_terms_and_simnet_calls(sw, pw, n_calls, keys):
 
 
 def test_dual_loss_explicit_flags_and_from_config():
-    crit = DualSimilarityLoss.from_config(LossConfig(), mask_dim=6, simnet_width=16)
+    lc = replace(build_params(file_params()).loss, sim_points=100, sim_base_points=80, pp_points=100, pp_form="cce",
+                 pp_pairing="cross_image")
+    crit = DualSimilarityLoss.from_config(lc, mask_dim=6, simnet_width=16)
     assert (crit.sim_points, crit.sim_base_points, crit.pp_points, crit.pp_form, crit.pp_pairing) == \
         (100, 80, 100, "cce", "cross_image")
     calls = _count_calls(crit)

@@ -16,6 +16,7 @@ from pipeline.tracking import (
     store_root,
     tracking_uri,
 )
+from tests.conftest import file_params
 
 mlflow = pytest.importorskip("mlflow")
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside mlflow's sqlalchemy store
@@ -33,7 +34,7 @@ def _clean_env(monkeypatch, tmp_path):
 
 
 def _params(**train):
-    p = build_params({"train": train} if train else {})
+    p = build_params(file_params({"train": {"iterations": 500, **train}}))
     return p, flatten(to_dict(p)), params_hash(p)
 
 

@@ -45,8 +45,7 @@ from torch import nn
 
 from ..config import Params, build_params, to_dict
 from ..io import write_json, write_text
-from .train import (FastPath, apply_backend_flags, build_criterion, build_optimizer, build_train_loader,
-                    prepare_model, resolve_device, train_step)
+from .train import FastPath, build_train_loader, build_training, resolve_device, train_step
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) from the vendors' datasheets. Matched
 # against torch.cuda.get_device_name() by substring, first match wins (most specific first).
@@ -361,10 +360,8 @@ def measure_training(p: Params, variant_fast: FastPath, per_image: bool, dataset
                      index: dict, device: torch.device, steps: int, warmup: int,
                      keep_model: bool = False) -> dict:
     """Train ``warmup + steps`` steps (plus ``steps`` synchronised ones on CUDA); returns figures."""
-    from ..model import build_model
     sync = _sync_fn(device)
     cuda = device.type == "cuda"
-    num_classes = split["num_classes"]
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -373,26 +370,16 @@ def measure_training(p: Params, variant_fast: FastPath, per_image: bool, dataset
     total = warmup + steps * (2 if cuda else 1)
     loader = build_train_loader(p, dataset_dir, index, 0, total, device)
     with _RssSampler() as rss:
-        torch.manual_seed(p.base.seed)
-        apply_backend_flags(variant_fast, device)
-        model = build_model(p.model, num_classes).to(device)
-        criterion = build_criterion(p, num_classes, split["base"], split["novel"]).to(device)
-        matcher = criterion.matcher
-        if per_image:
-            matcher = PerImageMatcher(matcher)
-        timed = TimedMatcher(matcher, sync)
-        criterion.matcher = timed
-        forward = prepare_model(model, variant_fast)
-        opt, sched = build_optimizer(p, model, criterion, variant_fast)
-        base_ids = torch.tensor(split["base"], dtype=torch.long, device=device)
-        novel_ids = torch.tensor(split["novel"], dtype=torch.long, device=device)
+        tr = build_training(p, split, device, variant_fast)
+        matcher = tr.state.criterion.matcher
+        timed = TimedMatcher(PerImageMatcher(matcher) if per_image else matcher, sync)
+        tr.state.criterion.matcher = timed
+        model = tr.state.model
         model.train()
-        criterion.train()
+        tr.state.criterion.train()
         it = iter(loader)
-        step = 0
 
         def run(n: int, mark: PhaseTimer | None) -> tuple[float, int]:
-            nonlocal step
             sync()
             t0 = time.perf_counter()
             images = 0
@@ -402,10 +389,8 @@ def measure_training(p: Params, variant_fast: FastPath, per_image: bool, dataset
                 batch = next(it)
                 if mark is not None:
                     mark("data_wait")
-                train_step(forward, criterion, opt, sched, batch, p, step, device, variant_fast, base_ids,
-                           novel_ids, mark=mark)
+                train_step(tr, batch, mark=mark)
                 images += batch["image"].shape[0]
-                step += 1
             sync()
             return time.perf_counter() - t0, images
 

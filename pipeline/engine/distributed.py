@@ -200,6 +200,48 @@ def launch_argv(nproc_per_node: int, nnodes: int, node_rank: int, master_addr: s
             "-m", module, *map(str, argv)]
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` on CUDA in a process group (made the current
+    device), else ``device``."""
+    info = current()
+    if not info.distributed or device.type != "cuda":
+        return device
+    dev = torch.device("cuda", info.local_rank)
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device, find_unused: bool) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel. ``find_unused``: let DDP search the graph for
+    parameters without a gradient (slower; needed only when a whole family of losses is off)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
+
+
+def rank_rng_states(device: torch.device) -> dict:
+    """Every rank's RNG states, for the checkpoint (so that each rank resumes its own dropout
+    stream); ``{}`` in a single process. A collective: every rank calls it."""
+    if not current().distributed:
+        return {}
+    rngs = all_gather_object((torch.get_rng_state(),
+                              torch.cuda.get_rng_state() if device.type == "cuda" else None))
+    return {"world_size": len(rngs), "rng_cpu_ranks": [r[0] for r in rngs], "rng_cuda_ranks": [r[1] for r in rngs]}
+
+
+def restore_rank_rng(ck: dict, device: torch.device) -> bool:
+    """Set this rank's RNG states from a checkpoint of :func:`rank_rng_states` with the same
+    world size; False when there are none to restore (a single process, another world size)."""
+    info = current()
+    cpu, cuda = ck.get("rng_cpu_ranks"), ck.get("rng_cuda_ranks")
+    if not info.distributed or cpu is None or len(cpu) != info.world_size:
+        return False
+    torch.set_rng_state(cpu[info.rank])
+    if device.type == "cuda" and cuda is not None and cuda[info.rank] is not None:
+        torch.cuda.set_rng_state(cuda[info.rank])
+    return True
+
+
 def all_true(flags: torch.Tensor) -> torch.Tensor:
     """Element-wise AND of a bool tensor over the ranks (identity in a single process)."""
     if not current().distributed:

@@ -1,0 +1,86 @@
+"""The training loop's pieces: the per-step seed, TrainState save/load, the diagnostics hook."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import build_params
+from pipeline.engine.checkpoint import TrainState, load_checkpoint
+from pipeline.engine.train import FastPath, build_training, step_seed, train, train_step
+from tests.test_reliability import small_params, tiny_data  # noqa: F401
+
+
+def _split_index(data):
+    return (json.loads((data / "split/split.json").read_text()),
+            json.loads((data / "split/index.json").read_text()))
+
+
+def test_step_seed_formula():
+    assert step_seed(6, 0) == 6_000_018
+    assert step_seed(6, 5) == 6_000_023
+    assert step_seed(6, 5, rank=1) == 6_000_023 + 2 ** 48
+    assert len({step_seed(s, k, r) for s in (0, 1) for k in range(4) for r in range(3)}) == 24
+
+
+def test_train_state_round_trip_continues_exactly(tmp_path, tiny_data):  # noqa: F811
+    """Two steps, save, two more; a fresh state loaded from the file takes the same two steps to
+    the same weights (RNG states included: the model has dropout)."""
+    from pipeline.engine.train import build_train_loader
+    p = build_params(small_params(model={"dropout": 0.1}))
+    split, index = _split_index(tiny_data)
+    dev = torch.device("cpu")
+    batches = list(build_train_loader(p, tiny_data / "dataset", index, 0, 4, dev))
+
+    a = build_training(p, split, dev, FastPath())
+    for b in batches[:2]:
+        train_step(a, b)
+    a.state.history.append({"step": 2})
+    a.state.save(tmp_path / "ck.pt", params_hash="x")
+    ck = load_checkpoint(tmp_path / "ck.pt")
+    assert ck["step"] == 2 and ck["params_hash"] == "x" and ck["history"] == [{"step": 2}]
+    assert {"model", "criterion", "optimizer", "scheduler", "rng_cpu", "rng_cuda"} <= set(ck)
+    for b in batches[2:]:
+        train_step(a, b)
+
+    c = build_training(p, split, dev, FastPath())
+    c.state.load_state_dict(ck)
+    assert c.state.step == 2 and c.state.history == [{"step": 2}]
+    for b in batches[2:]:
+        train_step(c, b)
+    assert c.state.step == 4
+    for k, v in a.state.model.state_dict().items():
+        assert torch.equal(v, c.state.model.state_dict()[k]), k
+    assert isinstance(c.state, TrainState)
+
+
+def test_diagnostics_join_the_record_and_do_not_change_training(tmp_path, tiny_data):  # noqa: F811
+    p = build_params(small_params(model={"dropout": 0.1}, train={"log_interval": 2}))
+    split, index = _split_index(tiny_data)
+    seen = []
+
+    def diagnostics(state, batch):
+        seen.append((state.step, tuple(batch["image"].shape)))
+        torch.rand(1000)                          # draws from the global stream: must not shift training
+        return {"diag_step": float(state.step)}
+
+    _, plain = train(p, tiny_data / "dataset", split, index, tmp_path / "a.pt", progress=False)
+    _, diag = train(p, tiny_data / "dataset", split, index, tmp_path / "b.pt", progress=False,
+                    diagnostics=diagnostics)
+    assert [s for s, _ in seen] == [2, 4] and seen[0][1][0] == p.train.batch_size
+    assert [r["diag_step"] for r in diag.history] == [2.0, 4.0]
+    for r0, r1 in zip(plain.history, diag.history, strict=True):
+        assert {k: v for k, v in r1.items() if k not in ("diag_step", "images_per_s")} == \
+               {k: v for k, v in r0.items() if k != "images_per_s"}
+    assert "diag_step" in load_checkpoint(tmp_path / "b.pt")["history"][-1]
+
+
+def test_loss_window_means_over_its_own_steps():
+    from pipeline.engine.train import _LossWindow
+    w = _LossWindow(1)
+    for x in (1.0, 2.0, 6.0):
+        w.add(torch.tensor(x), {"loss_ce": torch.tensor(x / 2), "loss_ce_0": torch.tensor(9.0)}, 4)
+    means, rate = w.flush()
+    assert means == pytest.approx({"loss_ce": 1.5, "loss": 3.0}) and list(means) == ["loss_ce", "loss"]
+    assert rate > 0 and w.steps == 0 and w.sums == {}
