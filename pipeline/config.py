@@ -73,7 +73,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = _spec(choices=BACKBONES, help="ResNet depth of the backbone (paper resnet50)")
-    pretrained: str = _spec(help="'imagenet', 'none' or a path to a torchvision ResNet state dict")
+    pretrained: str = _spec(help="'weak_shot' (backbone + pixel decoder from the pretrain stage), 'imagenet', "
+                                 "'none' or a path to a torchvision ResNet state dict")
     freeze_bn: bool = _spec(help="frozen BatchNorm (paper, with ImageNet init); train BN from scratch otherwise")
     hidden_dim: int = _spec(lo=8, help="transformer width d (paper 256)")
     num_queries: int = _spec(lo=1, help="learned queries (paper 100)")
@@ -153,6 +154,13 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    iterations: int = _spec(lo=1, help="weak-shot pre-training steps (model.pretrained: weak_shot)")
+    batch_size: int = _spec(lo=1, help="images per pre-training step")
+    lr: float = _spec(lo=0.0, lo_open=True, help="pre-training AdamW learning rate (warm-up, then poly)")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     device: str = _spec(choices=DEVICES, help="auto = cuda when available, else cpu")
     max_images: int = _spec(lo=0, help="evaluate only the first N test images (0 = all)")
@@ -177,6 +185,7 @@ class Params:
     model: ModelConfig
     loss: LossConfig
     train: TrainConfig
+    pretrain: PretrainConfig
     eval: EvalConfig
     pseudo: PseudoConfig
     report: ReportConfig

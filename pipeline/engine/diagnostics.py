@@ -118,3 +118,41 @@ def loss_gradient_norms(losses: Mapping[str, torch.Tensor], weight_dict: Mapping
         sq = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
         out[f"grad_{paper}"] = sq ** 0.5
     return out
+
+
+def similarity_diagnostics(base_ids: torch.Tensor, novel_ids: torch.Tensor, seed: int, every: int,
+                           oracle: bool = False, points: int = 64):
+    """The training loop's ``diagnostics(state, batch)`` hook: every ``every`` steps (at log steps),
+    one more forward pass on the step's batch with the weights after the step, then
+    :func:`loss_gradient_norms` on the pixel decoder and :func:`novel_pair_auc`.
+
+    Side effects are undone: BatchNorm running statistics and every other buffer of the model
+    and the criterion (SimLoss's pair counts) are restored, nothing is accumulated into
+    ``.grad``, and the training loop forks the RNG streams around the call.
+    """
+    from ..data.targets import weak_shot_targets
+
+    def hook(state, batch: dict) -> dict:
+        if every <= 0 or state.step % every:
+            return {}
+        model, criterion = state.model, state.criterion
+        device = next(model.parameters()).device
+        saved = {n: b.detach().clone() for m in (model, criterion) for n, b in m.named_buffers(prefix=str(id(m)))}
+        try:
+            images = batch["image"].to(device).float()
+            sem_seg, valid = batch["sem_seg"].to(device), batch["valid"].to(device)
+            targets = weak_shot_targets(sem_seg, valid, base_ids.to(device), novel_ids.to(device), oracle)
+            gen = torch.Generator().manual_seed(seed * 7_919 + state.step)
+            outputs = model(images)
+            losses = criterion(outputs, targets, gen)
+            out = loss_gradient_norms(losses, criterion.weight_dict, model.pixel_decoder.parameters())
+            simnet = getattr(getattr(criterion, "similarity", None), "simnet", None)
+            out.update(novel_pair_auc(simnet, outputs, targets, novel_ids, points, gen))
+        finally:
+            with torch.no_grad():
+                for m in (model, criterion):
+                    for n, b in m.named_buffers(prefix=str(id(m))):
+                        b.copy_(saved[n])
+        return out
+
+    return hook

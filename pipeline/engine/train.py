@@ -59,7 +59,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_path: str | Path,
           on_log: Callable[[int, dict], None] | None = None, on_checkpoint: Callable[[Path], None] | None = None,
           label_root: str | Path | None = None, progress: bool = True,
-          diagnostics: Callable[[TrainState, dict], dict] | None = None) -> tuple[torch.nn.Module, TrainOutputs]:
+          diagnostics: Callable[[TrainState, dict], dict] | None = None,
+          init: dict | None = None) -> tuple[torch.nn.Module, TrainOutputs]:
     """Train (or resume from ``ckpt_path`` when it holds this config's checkpoint).
 
     ``split``/``index``: the prepare stage's split.json / index.json. ``label_root``: read
@@ -69,15 +70,21 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
     the RNG streams, so it never changes the training; it must leave weights, BatchNorm
     statistics and optimizer state as it found them.
 
+    ``init``: the pretrain stage's output (``model.pretrained: weak_shot``): backbone and pixel
+    decoder weights every run of the grid starts from.
+
     In a process group every rank calls this; pass ``on_log`` / ``on_checkpoint`` on rank 0 only.
     """
     t, dist = p.train, D.current()
+    if p.model.pretrained == "weak_shot" and not (init or {}).get("used"):
+        raise ValueError("model.pretrained is 'weak_shot' but no weak-shot initialisation was given: run the "
+                         "pretrain stage first (dvc repro) and pass its output with --init")
     device = D.rank_device(resolve_device(t.device))
     if dist.distributed:
         check_world_batch(p, dist.world_size, "the process group's world size")
     if t.threads:
         torch.set_num_threads(t.threads)
-    tr = build_training(p, split, device, FastPath.resolve(t, device))
+    tr = build_training(p, split, device, FastPath.resolve(t, device), init)
     state, ckpt_path = tr.state, Path(ckpt_path)
     meta = {"params": to_dict(p), "params_hash": params_hash(p), "num_classes": split["num_classes"]}
     resumed_from = _resume(state, ckpt_path, meta["params_hash"], p.base.seed, device)
@@ -139,13 +146,21 @@ class Training:
     shared_params: list[torch.Tensor] = field(default_factory=list)    # criterion params DDP does not own
 
 
-def build_training(p: Params, split: dict, device: torch.device, fast: FastPath) -> Training:
+def build_training(p: Params, split: dict, device: torch.device, fast: FastPath,
+                   init: dict | None = None) -> Training:
     """Model, criterion, AdamW and poly schedule of a fresh run, seeded with ``base.seed``; in a
-    process group, the model in DDP, the loss normalisers global and a dropout stream per rank."""
+    process group, the model in DDP, the loss normalisers global and a dropout stream per rank.
+    ``init``: the weak-shot initialisation (see :func:`train`); without it, ``model.pretrained:
+    weak_shot`` starts from random weights (the benchmark, which times steps only)."""
     dist = D.current()
     torch.manual_seed(p.base.seed)
     apply_backend_flags(fast, device)
-    model = build_model(p.model, split["num_classes"], _backbone_state(p)).to(device)
+    if p.model.pretrained == "weak_shot":
+        used = (init or {}).get("used")
+        model = build_model(p.model, split["num_classes"], init["backbone"] if used else None,
+                            init["pixel_decoder"] if used else None).to(device)
+    else:
+        model = build_model(p.model, split["num_classes"], _backbone_state(p)).to(device)
     criterion = build_criterion(p, split["num_classes"], split["base"], split["novel"]).to(device)
     wrap = partial(D.wrap_model, device=device, find_unused=_loss_family_off(p.loss)) if dist.distributed else None
     forward = prepare_model(model, fast, wrap)
@@ -465,7 +480,7 @@ def _float_outputs(x):
 
 
 def _backbone_state(p: Params):
-    if p.model.pretrained == "none":
+    if p.model.pretrained in ("none", "weak_shot"):
         return None
     from ..model.weights import load_backbone_state_dict
     return load_backbone_state_dict(p.model.pretrained, p.model.backbone)
