@@ -55,6 +55,38 @@ ADE20K_SPLITS = {"training": "train", "validation": "test"}
 COCO_SPLITS = {"train": "train", "test": "test"}
 
 
+def scoped_override(value: str, dataset: str, key: str = "data.checksum") -> str:
+    """The part of a ``data.url`` / ``data.checksum`` override that applies to ``dataset``.
+
+    A value is either unscoped (``md5:<hex>``: it applies to whichever dataset is chosen) or a
+    list of ``<dataset>=<value>`` entries separated by commas or whitespace
+    (``ade20k=md5:<hex>, coco_stuff_10k=sha256:<hex>``): then only the chosen dataset's entry
+    applies and an override written for one archive never rejects another. ``""`` when none
+    applies. A list that mixes scoped and unscoped entries, names an unknown dataset or
+    names one twice raises :class:`ValueError` naming ``key``.
+    """
+    value = (value or "").strip()
+    known = tuple(SOURCES) + ("synthetic",)
+
+    def dataset_of(entry: str) -> str | None:
+        name, sep, _ = entry.partition("=")
+        return name if sep and name in known else None
+
+    if not value or dataset_of(value) is None:
+        return value  # empty, or unscoped: applies to the chosen dataset
+    scoped: dict[str, str] = {}
+    for e in value.replace(",", " ").split():
+        name = dataset_of(e)
+        rest = e.partition("=")[2]
+        if name is None or not rest:
+            raise ValueError(f"{key} {value!r}: entry {e!r} must read <dataset>=<value>, with a dataset of "
+                             f"{', '.join(SOURCES)} (a list cannot mix scoped and unscoped values)")
+        if name in scoped:
+            raise ValueError(f"{key} {value!r}: dataset {name!r} is given twice")
+        scoped[name] = rest
+    return scoped.get(dataset, "")
+
+
 def get_source(dataset: str) -> DatasetSource:
     """The :class:`DatasetSource` of a real dataset; a clear error for anything else."""
     if dataset in SOURCES:
