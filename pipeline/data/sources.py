@@ -5,6 +5,10 @@ empty when none was ever published (COCO-Stuff-10K): such an archive is verified
 CRCs on first use and pinned by a recorded ``<archive>.sha256`` afterwards
 (see :mod:`pipeline.data.acquire` and ``docs/DATASETS.md``).
 
+The ``data.url`` / ``data.checksum`` overrides may be scoped per dataset
+(``ade20k=md5:<hex>, coco_stuff_10k=sha256:<hex>``): :func:`scoped_override` picks the entry
+of the chosen dataset.
+
 ``root_markers`` are paths (relative to the dataset root inside the archive) whose presence
 identifies the root folder after extraction; ``expected_members`` are every path the
 preparation step needs.
