@@ -9,19 +9,27 @@
    which URL to fetch, which file name to save it as and which folder to put it in.
 3. Verify it:
    * with a checksum (the pinned one, ``md5:7328b3…`` for ADE20K, or the ``checksum``
-     override): the digest must match;
+     override ``data.checksum``): the digest must match. A mismatch names the key to set;
+   * ``data.checksum`` / ``data.url`` may be scoped per dataset
+     (``ade20k=md5:<hex>, coco_stuff_10k=sha256:<hex>``, see
+     :func:`pipeline.data.sources.scoped_override`): an override written for one archive then
+     never applies to the other;
    * with none (COCO-Stuff-10K publishes none): if a ``<name>.sha256`` record exists beside
      the archive (or in ``raw_dir``) the archive's sha256 must match it; otherwise the
-     archive is trusted on first use only after *every* member extracts with a correct CRC,
-     and then its sha256 is recorded in ``<name>.sha256`` (``sha256sum`` format; in
-     ``raw_dir`` when the archive folder is read-only). Later runs are checked against it.
-     Delete the record to accept a different copy.
+     archive is trusted on first use only after *every* member extracts with a correct CRC
+     **and** the preparation succeeded (a damaged copy whose CRCs pass is never pinned), and
+     then its sha256 is recorded in ``<name>.sha256`` (``sha256sum`` format; in ``raw_dir``
+     when the archive folder is read-only). Later runs are checked against it. Delete the
+     record to accept a different copy.
 4. Extract (safely) into a temporary folder under ``raw_dir``, prepare into ``out_dir``
-   (atomically), remove the temporary extraction.
+   (atomically), remove the temporary extraction. Preparation errors name the member inside
+   the archive (``annotations/x.mat in data/raw/cocostuff-10k-v1.1.zip``), never the
+   temporary folder, which is gone by the time the message is read.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,8 +37,8 @@ from pathlib import Path
 
 from pipeline.data.download import ChecksumError, DownloadError, download, file_digest, parse_checksum
 from pipeline.data.extract import ExtractError, safe_extract_zip
-from pipeline.data.prepare import find_dataset_root, prepare_dataset
-from pipeline.data.sources import get_source
+from pipeline.data.prepare import PrepareError, find_dataset_root, prepare_dataset
+from pipeline.data.sources import get_source, scoped_override
 from pipeline.io import write_text
 
 
@@ -65,6 +73,30 @@ def _write_record(archive: Path, raw_dir: Path, digest: str) -> Path:
     raise AcquireError(f"cannot record the sha256 of {archive}: {last_error}")
 
 
+def _in_archive(message: str, extracted: Path, archive: Path) -> str:
+    """``message`` with every path under the temporary extraction ``extracted`` replaced by the
+    member path inside ``archive`` (``annotations/x.mat in data/raw/x.zip``)."""
+    roots = {str(extracted), str(extracted.resolve())}
+    for root in sorted(roots, key=len, reverse=True):
+        pattern = re.escape(root) + r"(?:/([^\s,;:()'\"]*[^\s,;:()'\".]))?"
+
+        def repl(m: re.Match) -> str:
+            member = m.group(1)
+            return f"{member} in {archive}" if member else f"the archive {archive}"
+
+        message = re.sub(pattern, repl, message)
+    return message
+
+
+def _is_scoped(value: str) -> bool:
+    return "=" in (value or "").partition(":")[0]
+
+
+def _trust_hint(dataset: str, algo: str, actual: str) -> str:
+    return (f"If you trust this copy, set `data.checksum: {dataset}={algo}:{actual}` in params.yaml "
+            f"(the '{dataset}=' prefix limits it to this dataset's archive).")
+
+
 def _manual_help(src, url: str, folder: Path) -> str:
     return (f"Download {url} ({src.approx_size}) on a machine with internet access, save it as "
             f"'{src.archive_name}' and put it in {folder} (or set data.archive_dir to the folder that "
@@ -81,10 +113,15 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
     ``workers`` are the preparation processes (``data.prepare_workers``).
     """
     src = get_source(dataset)
-    url = url or src.url
-    checksum = checksum or src.checksum
+    raw_checksum = checksum
+    given = scoped_override(checksum, dataset, "data.checksum")
+    url = scoped_override(url, dataset, "data.url") or src.url
+    checksum = given or src.checksum
     if checksum:
-        parse_checksum(checksum)
+        try:
+            parse_checksum(checksum)
+        except ValueError as e:
+            raise ValueError(f"data.checksum: {e}") from None
     raw_dir = Path(raw_dir)
     folder = Path(archive_dir) if archive_dir else raw_dir
     archive = folder / src.archive_name
@@ -102,7 +139,10 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
             try:
                 download(url, archive, checksum=checksum, progress=progress)
             except ChecksumError as e:
-                raise AcquireError(f"{e} If you trust this file, pass its digest as data.checksum.") from e
+                source = ("data.checksum in params.yaml" if given else
+                          f"the pinned checksum of the official {src.archive_name}")
+                raise AcquireError(f"{e} The expected digest is {source}. If you trust this file, set "
+                                   f"`data.checksum: {dataset}=<algo>:<digest>` to the actual digest above.") from e
             except DownloadError as e:
                 raise AcquireError(f"cannot download the {dataset} archive: {e}\n"
                                    + _manual_help(src, url, folder)) from e
@@ -115,9 +155,17 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
         algo, expected = parse_checksum(checksum)
         actual = file_digest(archive, algo, progress=progress) if not downloaded else expected
         if actual != expected:
-            raise AcquireError(f"checksum mismatch for {archive}: expected {algo}:{expected}, got {algo}:{actual}. "
-                               f"The file is incomplete or not the official {src.archive_name}: delete it and run "
-                               f"again to download it, or put a good copy there.")
+            if given:
+                origin = f"the data.checksum override in params.yaml, {given!r}"
+                if not _is_scoped(raw_checksum):
+                    origin += (", which applies to every dataset: if it was written for another archive, "
+                               "scope it as '<dataset>=...' or set it to ''")
+            else:
+                origin = f"the pinned checksum of the official {src.archive_name}"
+            raise AcquireError(f"checksum mismatch for {archive}: expected {algo}:{expected} ({origin}), got "
+                               f"{algo}:{actual}. The file is incomplete or another copy than the one expected: "
+                               f"delete it and run again to download it, or put a good copy there. "
+                               + _trust_hint(dataset, algo, actual))
         verification = f"{algo} {'pinned' if checksum == src.checksum else 'given'} checksum"
         sha256 = actual if algo == "sha256" else None
     else:
@@ -132,7 +180,8 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
             if sha256 != expected:
                 raise AcquireError(f"checksum mismatch for {archive}: expected sha256:{expected} (recorded in "
                                    f"{record_path} on first use), got sha256:{sha256}. Delete the archive and run "
-                                   f"again, or delete {record_path} to accept this copy.")
+                                   f"again, or delete {record_path} to accept this copy (or pin a digest with "
+                                   f"`data.checksum: {dataset}=sha256:<hex>` in params.yaml).")
             verification = f"sha256 recorded in {record_path.name}"
         else:
             verification = "zip CRCs (first use); sha256 recorded"
@@ -146,11 +195,18 @@ def acquire_dataset(dataset: str, out_dir: str | os.PathLike, raw_dir: str | os.
         except ExtractError as e:
             raise AcquireError(f"{e}. Delete {archive} and run again to download a fresh copy, or put a good "
                                f"copy of {src.archive_name} there.") from e
-        if not checksum and record_path is None:  # every CRC passed: pin this copy
+        try:
+            root = find_dataset_root(dataset, extracted)
+            summary = prepare_dataset(dataset, root, out_dir, workers=workers, progress=progress)
+        except PrepareError as e:
+            msg = _in_archive(str(e), extracted, archive).rstrip()
+            if not checksum and record_path is None:
+                msg += ("" if msg.endswith(".") else ".") + \
+                    f" Nothing was recorded in {archive.name}.sha256: this copy is not trusted."
+            raise AcquireError(msg) from e
+        if not checksum and record_path is None:  # every CRC passed and it prepared: pin this copy
             record_path = _write_record(archive, raw_dir, sha256)
             record_written = True
-        root = find_dataset_root(dataset, extracted)
-        summary = prepare_dataset(dataset, root, out_dir, workers=workers, progress=progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

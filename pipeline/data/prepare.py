@@ -4,15 +4,17 @@
 <out_dir>/images_detectron2/{train,test}/<stem>.jpg        images (bytes copied unchanged)
 <out_dir>/annotations_detectron2/{train,test}/<stem>.png   uint8 labels 0..K-1, 255 = ignore
 <out_dir>/classes.json                                     {"dataset": ..., "classes": [...]}
+<out_dir>/preparation.json                                 the summary of prepare_dataset
 ```
 
 * ADE20K (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` with
   ``annotations/<split>/<stem>.png``; label ``png - 1`` as uint8 (0 "other" -> 255,
-  1..150 -> 0..149; any value above 150 -> 255). training -> train, validation -> test.
+  1..150 -> 0..149; any value above 150 -> 255, counted per value in the summary and warned
+  about). training -> train, validation -> test.
 * COCO-Stuff-10K v1.1: ``imageLists/{train,test}.txt`` name the images ``images/<name>.jpg``
   and labels ``annotations/<name>.mat`` (MATLAB v5, key ``S``); each COCO-Stuff id maps to
   its row in ``classes.json`` (``coco_id`` column), 0 (unlabeled) and ids not in the table
-  -> 255.
+  -> 255 (the latter counted per id and warned about, as for ADE20K).
 
 Every image is decoded once to check that its size equals its label's size (the error
 names both files). An image whose size only matches after ignoring its EXIF orientation tag
@@ -38,6 +40,7 @@ from pipeline.data.sources import ADE20K_SPLITS, COCO_SPLITS, get_source
 from pipeline.io import atomic_dir, write_json
 
 IGNORE = 255
+SUMMARY_FILE = "preparation.json"  # the summary below, kept beside classes.json (read by reports)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _CLASSES_JSON = Path(__file__).with_name("classes.json")
 
@@ -92,12 +95,28 @@ def apply_lut(arr: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return lut[idx]
 
 
-def _unknown_values(raw: np.ndarray, out: np.ndarray) -> list[int]:
-    """Raw non-zero values that mapped to ignore (not in the class table)."""
+def _unknown_values(raw: np.ndarray, out: np.ndarray) -> dict[int, int]:
+    """Raw non-zero values that mapped to ignore (not in the class table) -> their pixel counts."""
     sel = (out == IGNORE) & (raw != 0)
     if not sel.any():
-        return []
-    return [int(v) for v in np.unique(raw[sel])]
+        return {}
+    values, counts = np.unique(raw[sel], return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts)}
+
+
+def unknown_values_warning(summary: dict) -> str:
+    """One warning line for the label values that are not in the dataset's class table (they were
+    written as 255, ignore), with pixel and image counts per value; ``""`` when there are none."""
+    images = summary.get("unknown_label_values") or {}
+    if not images:
+        return ""
+    pixels = summary.get("unknown_label_pixels") or {}
+    expected = {"ade20k": "0..150", "coco_stuff_10k": "0 and the coco_id column of classes.json"}
+    parts = [f"{v} ({pixels.get(v, '?')} pixels in {n} image{'s' if n != 1 else ''})" for v, n in images.items()]
+    return (f"warning: {summary.get('dataset')}: {len(images)} label value{'s' if len(images) != 1 else ''} not in "
+            f"the class table ({expected.get(str(summary.get('dataset')), 'the class table')}) were set to "
+            f"{IGNORE} (ignore): " + ", ".join(parts) + ". The official archive holds none: is this a modified "
+            "copy?")
 
 
 # ---------------------------------------------------------------------------- readers
@@ -125,12 +144,24 @@ def read_coco_label(path: Path) -> np.ndarray:
     except Exception as e:  # scipy raises several types for corrupt files
         raise PrepareError(f"cannot read label {path}: {e}") from e
     if "S" not in mat:
-        raise PrepareError(f"label {path} has no variable 'S' (found: "
-                           f"{', '.join(k for k in mat if not k.startswith('__')) or 'nothing'})")
+        raise PrepareError(f"label {path} has no variable 'S' (it holds: {_mat_variables(path)}); expected the "
+                           "COCO-Stuff-10K v1.1 label map 'S'")
     s = np.asarray(mat["S"])
     if s.ndim != 2:
         raise PrepareError(f"label {path}: 'S' has shape {s.shape}; expected a 2-D label map")
     return s
+
+
+def _mat_variables(path: Path) -> str:
+    """The variables of a MATLAB file as ``name (HxW class)``, for messages."""
+    import scipy.io
+    try:
+        found = scipy.io.whosmat(str(path))
+    except Exception as e:  # noqa: BLE001 - only for a message
+        return f"unreadable variable list: {e}"
+    shown = [f"{name} ({'x'.join(map(str, shape))} {cls})" for name, shape, cls in found
+             if not name.startswith("__")]
+    return ", ".join(shown) if shown else "no variables"
 
 
 # ---------------------------------------------------------------------------- one item (worker)
@@ -255,7 +286,11 @@ def prepare_dataset(dataset: str, src_dir: str | os.PathLike, out_dir: str | os.
     """Prepare the extracted ``dataset`` found in ``src_dir`` into ``out_dir`` (replaced atomically).
 
     Returns ``{"dataset", "out_dir", "num_classes", "train", "test", "unknown_label_values",
-    "reoriented_images"}``.
+    "unknown_label_pixels", "reoriented_images"}`` and writes it as ``<out_dir>/preparation.json``.
+    ``unknown_label_values`` / ``unknown_label_pixels`` map each raw label value that is not
+    in the class table (ADE20K above 150, COCO-Stuff ids without a ``coco_id`` row) to the
+    number of images / pixels holding it; those pixels are written as 255 (ignore), and
+    :func:`unknown_values_warning` words the warning the download stage prints.
     """
     if dataset not in ("ade20k", "coco_stuff_10k"):
         get_source(dataset)  # raises a clear error
@@ -274,14 +309,23 @@ def prepare_dataset(dataset: str, src_dir: str | os.PathLike, out_dir: str | os.
             "classes": [{"id": int(c.get("id", i)), "name": c["name"], "isthing": int(c.get("isthing", 0)),
                          "color": [int(v) for v in c["color"]]} for i, c in enumerate(classes)],
         })
-    unknown: dict[str, int] = {}
+        summary = _summary(dataset, out_dir, classes, items, results)
+        write_json(tmp / SUMMARY_FILE, summary)
+    return summary
+
+
+def _summary(dataset: str, out_dir: Path, classes: list, items: list, results: list[dict]) -> dict:
+    images: dict[int, int] = {}
+    pixels: dict[int, int] = {}
     for r in results:
-        for v in r["unknown"]:
-            unknown[str(v)] = unknown.get(str(v), 0) + 1
+        for v, n in r["unknown"].items():
+            images[v] = images.get(v, 0) + 1
+            pixels[v] = pixels.get(v, 0) + n
     counts = {s: sum(1 for it in items if Path(it[3]).name == s) for s in ("train", "test")}
     return {"dataset": dataset, "out_dir": str(out_dir), "num_classes": len(classes),
             "train": counts["train"], "test": counts["test"],
-            "unknown_label_values": dict(sorted(unknown.items(), key=lambda kv: int(kv[0]))),
+            "unknown_label_values": {str(v): images[v] for v in sorted(images)},
+            "unknown_label_pixels": {str(v): pixels[v] for v in sorted(pixels)},
             "reoriented_images": sorted(r["stem"] for r in results if r["reoriented"])}
 
 

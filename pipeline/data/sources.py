@@ -5,6 +5,10 @@ empty when none was ever published (COCO-Stuff-10K): such an archive is verified
 CRCs on first use and pinned by a recorded ``<archive>.sha256`` afterwards
 (see :mod:`pipeline.data.acquire` and ``docs/DATASETS.md``).
 
+The ``data.url`` / ``data.checksum`` overrides may be scoped per dataset
+(``ade20k=md5:<hex>, coco_stuff_10k=sha256:<hex>``): :func:`scoped_override` picks the entry
+of the chosen dataset.
+
 ``root_markers`` are paths (relative to the dataset root inside the archive) whose presence
 identifies the root folder after extraction; ``expected_members`` are every path the
 preparation step needs.
@@ -53,6 +57,38 @@ SOURCES: dict[str, DatasetSource] = {
 # Source split name inside the archive -> prepared split name.
 ADE20K_SPLITS = {"training": "train", "validation": "test"}
 COCO_SPLITS = {"train": "train", "test": "test"}
+
+
+def scoped_override(value: str, dataset: str, key: str = "data.checksum") -> str:
+    """The part of a ``data.url`` / ``data.checksum`` override that applies to ``dataset``.
+
+    A value is either unscoped (``md5:<hex>``: it applies to whichever dataset is chosen) or a
+    list of ``<dataset>=<value>`` entries separated by commas or whitespace
+    (``ade20k=md5:<hex>, coco_stuff_10k=sha256:<hex>``): then only the chosen dataset's entry
+    applies and an override written for one archive never rejects another. ``""`` when none
+    applies. A list that mixes scoped and unscoped entries, names an unknown dataset or
+    names one twice raises :class:`ValueError` naming ``key``.
+    """
+    value = (value or "").strip()
+    known = tuple(SOURCES) + ("synthetic",)
+
+    def dataset_of(entry: str) -> str | None:
+        name, sep, _ = entry.partition("=")
+        return name if sep and name in known else None
+
+    if not value or dataset_of(value) is None:
+        return value  # empty, or unscoped: applies to the chosen dataset
+    scoped: dict[str, str] = {}
+    for e in value.replace(",", " ").split():
+        name = dataset_of(e)
+        rest = e.partition("=")[2]
+        if name is None or not rest:
+            raise ValueError(f"{key} {value!r}: entry {e!r} must read <dataset>=<value>, with a dataset of "
+                             f"{', '.join(SOURCES)} (a list cannot mix scoped and unscoped values)")
+        if name in scoped:
+            raise ValueError(f"{key} {value!r}: dataset {name!r} is given twice")
+        scoped[name] = rest
+    return scoped.get(dataset, "")
 
 
 def get_source(dataset: str) -> DatasetSource:

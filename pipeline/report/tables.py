@@ -53,6 +53,19 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def format_class_list(names: Iterable[Any]) -> str:
+    """Class names joined so that the list stays unambiguous: ``", "`` when no name holds a
+    comma, else ``"; "`` (ADE20K names such as ``road, route`` do), else each name quoted."""
+    names = [str(n) for n in names]
+    if not names:
+        return "none"
+    if not any("," in n for n in names):
+        return ", ".join(names)
+    if not any(";" in n for n in names):
+        return "; ".join(names)
+    return ", ".join('"' + n.replace('"', '\\"') + '"' for n in names)
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
                    align: Sequence[str] | None = None) -> str:
     """GitHub markdown table; ``align`` entries are 'l' or 'r' (default: all left)."""
@@ -156,7 +169,7 @@ def render_report(title: str, metrics: Mapping[str, Any], per_class_df, figures:
     lines = ["## Split", ""]
     for split in ("base", "novel"):
         names = df.loc[df["split"] == split].sort_values("id")["name"].astype(str).tolist()
-        lines.append(f"- {split} ({len(names)}): " + (", ".join(names) if names else "none"))
+        lines.append(f"- {split} ({len(names)}): " + format_class_list(names))
     parts.append("\n".join(lines) + "\n")
 
     parts.append("## Per-class IoU\n\nSorted by split (base, novel), then IoU.\n\n" + per_class_table_markdown(df))
