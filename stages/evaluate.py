@@ -21,7 +21,7 @@ def main() -> None:
 
     from pipeline.config import params_hash
     from pipeline.engine.evaluate import evaluate_model, load_trained
-    from pipeline.engine.train import resolve_device
+    from pipeline.engine.device import resolve_device
     from pipeline.io import atomic_path
 
     device = resolve_device(p.eval.device)

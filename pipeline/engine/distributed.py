@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from .device import resolve_device
+
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -64,10 +66,7 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if resolve_device(device).type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"local rank {local_rank} has no GPU: train.nproc_per_node must be at most the "
                                f"number of GPUs of a node ({torch.cuda.device_count()})")

@@ -43,6 +43,7 @@ from ..losses.matcher import HungarianMatcher
 from ..model import build_model
 from . import distributed as D
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .device import resolve_device  # noqa: F401  (stages import it from here too)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -229,14 +230,6 @@ def _check_finite(losses: dict, step: int, hint: str) -> None:
 
 
 # ============================================================================ building blocks
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def build_criterion(p: Params, num_classes: int, base_ids: list[int], novel_ids: list[int]) -> SetCriterion:
     lc = p.loss
     matcher = HungarianMatcher(lc.match_class_cost, lc.match_focal_cost, lc.match_dice_cost,
