@@ -61,6 +61,7 @@ class DataConfig:
     crop_size: int = _spec(lo=16, help="square training crop")
     scale_min: float = _spec(lo=0.0, lo_open=True, help="random short-edge resize, lower factor of crop_size")
     scale_max: float = _spec(lo=0.0, lo_open=True, help="random short-edge resize, upper factor of crop_size")
+    photometric: bool = _spec(help="random brightness / contrast / saturation / hue jitter of training crops")
     test_short_edge: int = _spec(lo=0, help="test-time short-edge resize (0 keeps the image size)")
     test_max_edge: int = _spec(lo=0, help="test-time cap on the long edge (0 = no cap)")
     url: str = _spec(help="archive URL override (a mirror); empty = the official URL")
@@ -140,6 +141,8 @@ class TrainConfig:
     workers: int = _spec(lo=0, help="DataLoader worker processes")
     checkpoint_interval: int = _spec(lo=1, help="steps between checkpoints")
     log_interval: int = _spec(lo=1, help="steps between logged losses")
+    diagnostics_interval: int = _spec(lo=0, help="steps between similarity diagnostics (AUCs, per-loss gradient "
+                                                 "norms; a multiple of log_interval; 0 = off)")
     pair_sampling: bool = _spec(help="batches of image pairs sharing a novel class")
     threads: int = _spec(lo=0, help="torch CPU threads (0 = torch's default)")
     # Multi-process training (DistributedDataParallel under torchrun); batch_size is the global batch.
@@ -283,6 +286,9 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(f"params key 'train.batch_size': {p.train.batch_size} must be even when "
                           "train.pair_sampling is true (batches are image pairs)")
     t = p.train
+    if t.diagnostics_interval % t.log_interval:
+        raise ConfigError(f"params key 'train.diagnostics_interval': {t.diagnostics_interval} must be a multiple of "
+                          f"train.log_interval ({t.log_interval}) or 0 (diagnostics run at log steps)")
     if t.node_rank >= t.nnodes:
         raise ConfigError(f"params key 'train.node_rank': {t.node_rank} must be < train.nnodes ({t.nnodes})")
     check_world_batch(p, t.nproc_per_node * t.nnodes,

@@ -140,3 +140,36 @@ def step_logger(tracker):
     if tracker is None:
         return None
     return lambda step, rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
+
+
+def add_init(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--init", type=Path, required=True,
+                    help="weak-shot initialisation (pretrain stage); read when model.pretrained is weak_shot")
+
+
+def load_init(path: Path, p: Params) -> dict | None:
+    """The pretrain stage's weights when ``model.pretrained`` is ``weak_shot``, else None."""
+    if p.model.pretrained != "weak_shot":
+        return None
+    import torch
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{path}' is missing: run the pretrain stage first (dvc repro)") from None
+    except Exception as e:
+        raise ValueError(f"'{path}' is not a weak-shot initialisation file the pretrain stage wrote: {e}") from None
+    if not isinstance(ck, dict) or not ck.get("used"):
+        raise ValueError(f"'{path}' was written while model.pretrained was not weak_shot: re-run the pretrain "
+                         "stage (dvc repro)")
+    return ck
+
+
+def diagnostics_hook(p: Params, split: dict):
+    """The training loop's similarity diagnostics (train.diagnostics_interval; 0 = none)."""
+    if not p.train.diagnostics_interval:
+        return None
+    import torch
+
+    from pipeline.engine.diagnostics import similarity_diagnostics
+    return similarity_diagnostics(torch.tensor(split["base"]), torch.tensor(split["novel"]), p.base.seed,
+                                  p.train.diagnostics_interval, p.loss.oracle)

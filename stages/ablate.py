@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from stages._common import (add_inputs, load_params_raw, open_tracker, parser, read_json, run, step_logger, write_curve,
+from stages._common import (add_init, add_inputs, diagnostics_hook, load_init, load_params_raw, open_tracker, parser, read_json, run, step_logger, write_curve,
                             write_eval_outputs)
 
 
 def main() -> None:
     ap = parser(__doc__)
     add_inputs(ap)
+    add_init(ap)
     ap.add_argument("--variant", required=True, help="variant name (a key of ablation.variants)")
     ap.add_argument("--seed", type=int, required=True, help="the cell's seed (one of ablation.seeds)")
     ap.add_argument("--main-model", type=Path, required=True, help="the main training's model (train stage)")
@@ -53,7 +54,8 @@ def main() -> None:
         else:
             device = resolve_device(p.train.device)
             model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, init=load_init(args.init, p),
+                               diagnostics=diagnostics_hook(p, split))
             history = out.history
         model.eval()
         summary, per_class, _ = evaluate_model(model, args.dataset_dir, index, split, p, device,

@@ -41,6 +41,7 @@ def main() -> None:
                           mask_dim=p.model.mask_dim, gn_groups=p.model.gn_groups, crop_size=p.data.crop_size,
                           scale=(p.data.scale_min, p.data.scale_max), iterations=i.iterations,
                           batch_size=i.batch_size, lr=i.lr, weight_decay=p.train.weight_decay, seed=p.base.seed,
+                          photometric=p.data.photometric,
                           device=str(resolve_device(p.train.device)), progress=not args.no_progress)
     with atomic_path(args.out) as tmp:
         torch.save({"used": True, **initial_state(net), "arch": p.model.backbone,

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, step_logger, write_curve
+from stages._common import (add_init, add_inputs, load_init, load_params, open_tracker, parser, read_json, run, step_logger,
+                            write_curve)
 
 
 def main() -> None:
     ap = parser(__doc__)
     add_inputs(ap, model=True)
+    add_init(ap)
     ap.add_argument("--out", type=Path, required=True, help="folder for pseudo labels, checkpoint and retrained model")
     ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON of the retrained model")
     args = ap.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
         if tracker:
             tracker.log_metrics({f"pseudo_{k}": v for k, v in stats.items()})
         model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
-                           on_log=step_logger(tracker), label_root=labels, progress=not args.no_progress)
+                           on_log=step_logger(tracker), label_root=labels, progress=not args.no_progress,
+                           init=load_init(args.init, rp))
         export_model(model, rp, split, args.out / "model.pt", out.history)
         write_curve(args.out / "curve.csv", out.history)
         metrics, _, _ = evaluate_model(model.eval(), args.dataset_dir, index, split, p, device,

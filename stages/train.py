@@ -17,12 +17,14 @@ import sys
 import contextlib
 from pathlib import Path
 
-from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, step_logger, write_curve
+from stages._common import (add_init, add_inputs, diagnostics_hook, load_init, load_params, open_tracker, parser, read_json, run, step_logger,
+                            write_curve)
 
 
 def main() -> None:
     ap = parser(__doc__, epilog=params_help())
     add_inputs(ap)
+    add_init(ap)
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV to write")
@@ -48,7 +50,8 @@ def main() -> None:
         # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
         with tracker or contextlib.nullcontext():
             model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, init=load_init(args.init, p),
+                               diagnostics=diagnostics_hook(p, split))
             if dist.is_main:
                 export_model(model, p, split, args.model, out.history)
                 write_curve(args.curve, out.history)

@@ -77,8 +77,9 @@ class TrainCrops(Dataset):
     """Augmented training crops. ``entries`` are index.json ``train`` records."""
 
     def __init__(self, root: str | Path, entries: list[dict], crop_size: int, scale: tuple[float, float],
-                 seed: int, label_root: str | Path | None = None):
+                 seed: int, label_root: str | Path | None = None, photometric: bool = True):
         self.root, self.entries = Path(root), entries
+        self.photometric = photometric
         self.label_root = Path(label_root) if label_root is not None else self.root
         self.crop, self.scale, self.seed = crop_size, scale, seed
 
@@ -92,7 +93,8 @@ class TrainCrops(Dataset):
         img = read_image(self.root / e["image"])
         lab = read_label(self.label_root / e["label"], img.shape[:2])
         img, lab, valid = random_resized_crop(img, lab, self.crop, self.scale, rng)
-        img = photometric_jitter(img, rng)
+        if self.photometric:
+            img = photometric_jitter(img, rng)
         if rng.random() < 0.5:
             img, lab, valid = img[:, ::-1], lab[:, ::-1], valid[:, ::-1]
         return {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),

@@ -73,7 +73,8 @@ def weak_shot_pretrain_losses(pixel_logits: torch.Tensor, image_logits: torch.Te
 
 def pretrain(dataset_dir: str | Path, index: dict, split: dict, *, arch: str, conv_dim: int, mask_dim: int,
              gn_groups: int, crop_size: int, scale: tuple[float, float], iterations: int, batch_size: int,
-             lr: float, weight_decay: float, seed: int, log_interval: int = 10, device: str = "cpu",
+             lr: float, weight_decay: float, seed: int, photometric: bool = True, log_interval: int = 10,
+             device: str = "cpu",
              progress: bool = True) -> tuple[PretrainNet, list[dict]]:
     """Train :class:`PretrainNet`; returns it and the curve (one record per ``log_interval``)."""
     usable = [i for i, e in enumerate(index["train"]) if e["usable"]]
@@ -88,7 +89,7 @@ def pretrain(dataset_dir: str | Path, index: dict, split: dict, *, arch: str, co
     warmup = max(1, iterations // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / iterations) ** 0.9)
-    data = TrainCrops(dataset_dir, index["train"], crop_size, scale, seed)
+    data = TrainCrops(dataset_dir, index["train"], crop_size, scale, seed, photometric=photometric)
     sampler = RandomBatchSampler(usable, batch_size, seed + 1)
     curve, running, t0 = [], {}, time.perf_counter()
     net.train()

@@ -334,7 +334,7 @@ def build_train_loader(p: Params, dataset_dir: str | Path, index: dict, start: i
     else:
         sampler = RandomBatchSampler(usable, t.batch_size, p.base.seed)
     data = TrainCrops(dataset_dir, train_entries, p.data.crop_size, (p.data.scale_min, p.data.scale_max),
-                      p.base.seed, label_root)
+                      p.base.seed, label_root, p.data.photometric)
     # Own generator: iter(loader) would otherwise draw its base seed from the global RNG, which a
     # resumed run restores from the checkpoint just before - the dropout stream would shift (inexact resume).
     return DataLoader(data, batch_sampler=_KeyedBatches(sampler, start, stop, rank, world_size),
