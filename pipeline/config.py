@@ -52,6 +52,8 @@ class SyntheticConfig:
     num_train: int = _spec(lo=4, help="training images generated")
     num_test: int = _spec(lo=2, help="test images generated")
     image_size: int = _spec(lo=32, hi=1024, help="side of the square generated images")
+    jitter: float = _spec(lo=0.0, hi=1.0, help="nuisance variation (colour, brightness, texture period / angle, "
+                                               "illumination, noise); 1 = the hardest")
 
 
 @dataclass(frozen=True)

@@ -188,23 +188,25 @@ def _hue_rotate(colours: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def _render_class(rng: np.random.Generator, cid: int, size: int, centre: tuple[float, float],
-                  extent: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Whole-frame RGB (float32, H x W x 3) of one instance of class ``cid``."""
+                  extent: float, xx: np.ndarray, yy: np.ndarray, jitter: float = 1.0) -> np.ndarray:
+    """Whole-frame RGB (float32, H x W x 3) of one instance of class ``cid``; ``jitter`` scales
+    every per-instance variation (colour, brightness, texture period, angle, contrast)."""
+    j = jitter
     _name, isthing, c1, c2, kind, period, angle = _SPEC[cid]
     scale = size / 128.0
     cols = np.array([c1, c2], dtype=np.float64)
-    cols = _hue_rotate(cols, rng.normal(0.0, 10.0))
-    cols = cols * rng.uniform(0.75, 1.25) + rng.normal(0.0, 12.0, (1, 3))
-    cols = cols + rng.normal(0.0, 5.0, (2, 3))
+    cols = _hue_rotate(cols, rng.normal(0.0, 10.0 * j))
+    cols = cols * rng.uniform(1 - 0.25 * j, 1 + 0.25 * j) + rng.normal(0.0, 12.0 * j, (1, 3))
+    cols = cols + rng.normal(0.0, 5.0 * j, (2, 3))
     if kind == "gradient" and isthing:
-        p = period * extent * rng.uniform(0.8, 1.25)  # ramp across the object
+        p = period * extent * rng.uniform(1 - 0.2 * j, 1 + 0.25 * j)  # ramp across the object
     elif kind == "sectors":
         p = period  # number of wedges
     else:
-        p = period * scale * rng.uniform(0.8, 1.25)
-    ang = angle + rng.uniform(-_ANGLE_JITTER.get(cid, 25.0), _ANGLE_JITTER.get(cid, 25.0))
+        p = period * scale * rng.uniform(1 - 0.2 * j, 1 + 0.25 * j)
+    ang = angle + j * rng.uniform(-_ANGLE_JITTER.get(cid, 25.0), _ANGLE_JITTER.get(cid, 25.0))
     t = _texture(rng, kind, size, p, ang, centre, xx, yy)
-    contrast = rng.uniform(0.75, 1.0)
+    contrast = rng.uniform(1.0 - 0.25 * j, 1.0)
     t = (t * contrast + (1.0 - contrast) * 0.5).astype(np.float32)
     c1v = cols[0].astype(np.float32)
     c2v = cols[1].astype(np.float32)
@@ -291,8 +293,10 @@ def _render_clutter(rng: np.random.Generator, size: int, centre: tuple[float, fl
     return c1.astype(np.float32)[None, None, :] + t[:, :, None] * (c2 - c1).astype(np.float32)[None, None, :]
 
 
-def generate_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its label: (RGB uint8 H x W x 3, label uint8 H x W, ids 0..23, 255 = unlabelled)."""
+def generate_sample(rng: np.random.Generator, size: int, jitter: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its label: (RGB uint8 H x W x 3, label uint8 H x W, ids 0..23, 255 = unlabelled).
+    ``jitter`` scales the nuisance variation: per instance (see :func:`_render_class`) and per
+    image (illumination gradient, colour cast, pixel noise); 1 = the strongest."""
     xx, yy = _grid(size)
     rgb = np.zeros((size, size, 3), np.float32)
     label = np.zeros((size, size), np.uint8)
@@ -306,7 +310,7 @@ def generate_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
         m = region == r
         centre = tuple(rng.uniform(0, size, 2))
         tex = (_render_clutter(rng, size, centre, xx, yy) if cid == IGNORE
-               else _render_class(rng, cid, size, centre, float(size), xx, yy))
+               else _render_class(rng, cid, size, centre, float(size), xx, yy, jitter))
         rgb[m] = tex[m]
         label[m] = cid
 
@@ -320,18 +324,18 @@ def generate_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
         if not m.any():
             continue
         tex = (_render_clutter(rng, size, centre, xx, yy) if cid == IGNORE
-               else _render_class(rng, cid, size, centre, side, xx, yy))
+               else _render_class(rng, cid, size, centre, side, xx, yy, jitter))
         rgb[m] = tex[m]
         label[m] = cid
 
     # illumination gradient across the frame
     theta = rng.uniform(0, 2 * math.pi)
     ramp = ((xx - size / 2) * math.cos(theta) + (yy - size / 2) * math.sin(theta)) / size
-    rgb *= (1.0 + rng.uniform(0.0, 0.3) * ramp)[:, :, None]
-    rgb *= rng.uniform(0.9, 1.1, 3).astype(np.float32)[None, None, :]  # colour cast
+    rgb *= (1.0 + rng.uniform(0.0, 0.3 * jitter) * ramp)[:, :, None]
+    rgb *= rng.uniform(1 - 0.1 * jitter, 1 + 0.1 * jitter, 3).astype(np.float32)[None, None, :]  # colour cast
     sigma = rng.uniform(0.5, 0.9)
     rgb = cv2.GaussianBlur(rgb, (3, 3), sigma)
-    rgb += rng.normal(0.0, rng.uniform(3.0, 8.0), rgb.shape).astype(np.float32)
+    rgb += rng.normal(0.0, rng.uniform(3.0, 8.0) * max(jitter, 0.25), rgb.shape).astype(np.float32)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), label
 
 
@@ -366,7 +370,7 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, seed: int, progress: bool = 
             img_dir.mkdir(parents=True)
             ann_dir.mkdir(parents=True)
             for i in range(n):
-                rgb, label = generate_sample(sample_rng(seed, split, i), size)
+                rgb, label = generate_sample(sample_rng(seed, split, i), size, float(cfg.jitter))
                 name = stem(split, i)
                 if not cv2.imwrite(str(img_dir / f"{name}.jpg"), np.ascontiguousarray(rgb[:, :, ::-1]), params):
                     raise OSError(f"could not write {img_dir / (name + '.jpg')}")
