@@ -1,6 +1,6 @@
 """The benchmark command and the training fast-path switches.
 
-No timing is asserted here: speed is measured by ``python -m stages.benchmark``, never by a
+No timing is asserted here: speed is measured by ``python -m tools.benchmark``, never by a
 timed test. The CUDA-only switches are checked on their CPU side (validation, resolution per
 device, channels_last weights, the bf16 + channels_last + fused step run with CPU autocast).
 """
@@ -15,8 +15,9 @@ import yaml
 
 from pipeline.config import ConfigError, build_params, describe
 from pipeline.engine import train as train_mod
-from pipeline.engine.benchmark import PHASES, VARIANTS, PerImageMatcher, make_dataset
+from pipeline.engine.benchmark import PHASES, VARIANTS, make_dataset
 from pipeline.engine.train import FastPath, build_criterion, prepare_model, train
+from pipeline.losses.matcher import PerImageMatcher
 from pipeline.model import build_model
 from tests.conftest import file_params
 
@@ -102,7 +103,7 @@ def test_per_image_matching_equals_batched(tiny_data):
 
 
 def test_benchmark_help(capsys):
-    from stages.benchmark import main
+    from tools.benchmark import main
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
@@ -113,7 +114,7 @@ def test_benchmark_help(capsys):
 
 
 def test_benchmark_tiny_writes_json_and_markdown(tmp_path):
-    from stages.benchmark import main
+    from tools.benchmark import main
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(file_params(TINY)))
     out, md = tmp_path / "reports" / "bench.json", tmp_path / "reports" / "bench.md"
@@ -168,14 +169,14 @@ def test_benchmark_tiny_writes_json_and_markdown(tmp_path):
 
 
 def test_benchmark_and_engine_import_without_dvc_and_mlflow():
-    """The GPU machine has neither DVC nor MLflow: the engine and the benchmark stage must not need them."""
+    """The GPU machine has neither DVC nor MLflow: the engine and the benchmark tool must not need them."""
     import subprocess
     import sys
     from pathlib import Path
     code = ("import sys, importlib, pkgutil; sys.modules.update({m: None for m in ('mlflow', 'dvc')}); "
             "import pipeline.engine as e; "
             "[importlib.import_module('pipeline.engine.' + m.name) for m in pkgutil.iter_modules(e.__path__)]; "
-            "import stages.benchmark; print('ok')")
+            "import tools.benchmark; print('ok')")
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -44,7 +44,7 @@ def tiny_params() -> dict:
 
 
 def make_project(dst: Path, params: dict) -> Path:
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "tools"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         if (ROOT / name).exists():
@@ -198,7 +198,7 @@ def test_run_cache_hit_leaves_no_cell_missing_and_no_duplicate(project: Path):
 
 
 def test_compare_prints_runs_filtered_by_tags(project: Path):
-    cmd = [sys.executable, "-m", "stages.compare", "--tag", "variant=baseline", "--tag", "variant=full",
+    cmd = [sys.executable, "-m", "tools.compare", "--tag", "variant=baseline", "--tag", "variant=full",
            "--group-by", "variant", "--csv", "compare.csv"]
     r = subprocess.run(cmd, cwd=project, env=project_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -209,7 +209,7 @@ def test_compare_prints_runs_filtered_by_tags(project: Path):
     cells = {n: json.loads((project / "data" / "ablation" / f"{n}-3" / "metrics.json").read_text())
              for n in ("baseline", "full")}
     assert "baseline" in r.stdout and "mIoU_novel" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "stages.compare", "--tag", "variant=nope"], cwd=project,
+    r = subprocess.run([sys.executable, "-m", "tools.compare", "--tag", "variant=nope"], cwd=project,
                        env=project_env(), capture_output=True, text=True)
     assert r.returncode == 1 and "no runs in experiment 'simformer-synthetic-split1' match" in r.stderr
     assert cells["full"]["mIoU"] is not None

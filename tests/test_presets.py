@@ -6,7 +6,7 @@ import yaml
 
 from pipeline.ablation import _merge
 from pipeline.config import build_params
-from stages.preset import flags
+from tools.preset import flags
 from tests.conftest import ROOT
 
 
@@ -26,7 +26,7 @@ def test_paper_presets_are_valid_and_match_the_reference(name, dataset, crop, it
 
 
 def test_preset_prints_dvc_set_param_flags():
-    out = subprocess.run([sys.executable, "-m", "stages.preset", "presets/paper-ade20k.yaml"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "tools.preset", "presets/paper-ade20k.yaml"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
     pairs = dict(zip(out[1::2], out[::2]))
     assert set(out[::2]) == {"-S"}
@@ -37,5 +37,5 @@ def test_preset_prints_dvc_set_param_flags():
 def test_preset_with_a_typo_fails_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  iteratons: 5\n")
-    r = subprocess.run([sys.executable, "-m", "stages.preset", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tools.preset", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown params key 'train.iteratons'. Did you mean 'train.iterations'?" in r.stderr

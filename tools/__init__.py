@@ -1,1 +1,1 @@
-"""Commands that are run by hand (not DVC stages): ``python -m tools.<name> --help``."""
+"""Commands run by hand, not DVC stages: ``python -m tools.<name> --help`` (predict, benchmark, compare, preset)."""

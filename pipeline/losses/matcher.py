@@ -59,3 +59,20 @@ class HungarianMatcher(nn.Module):
             rows, cols = linear_sum_assignment(c[i].numpy())
             out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return out
+
+
+class PerImageMatcher(nn.Module):
+    """``matcher`` called once per image (a cost pass and a transfer each): the same assignment as one
+    batched call (``tests/test_benchmark.py``), slower; the benchmark's baseline."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, outputs: dict, targets: list[dict], *args, **kwargs):
+        b, out = outputs["pred_logits"].shape[0], []
+        for i in range(b):
+            one = {k: (v[i:i + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v)
+                   for k, v in outputs.items() if k != "aux_outputs"}
+            out.extend(self.inner(one, [targets[i]], *args, **kwargs))
+        return out

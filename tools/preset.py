@@ -3,8 +3,8 @@
 A preset is a YAML file of overrides on top of params.yaml (see presets/). The merged
 params are validated first, so a preset with a typo fails here, naming the key:
 
-  dvc exp run $(python -m stages.preset presets/paper-coco_stuff_10k.yaml)
-  dvc exp run $(python -m stages.preset presets/paper-ade20k.yaml) -S data.split=3
+  dvc exp run $(python -m tools.preset presets/paper-coco_stuff_10k.yaml)
+  dvc exp run $(python -m tools.preset presets/paper-ade20k.yaml) -S data.split=3
 """
 from __future__ import annotations
 

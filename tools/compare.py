@@ -3,9 +3,9 @@ tags. Not a DVC stage: a command for comparing runs (ablation cells, experiments
 terminal, beside `mlflow ui`.
 
 Examples:
-  python -m stages.compare                                   # every run of the default experiment
-  python -m stages.compare --tag variant=full --tag variant=baseline --group-by variant
-  python -m stages.compare --experiment simformer-synthetic-split2 --columns mIoU,hIoU --csv runs.csv
+  python -m tools.compare                                   # every run of the default experiment
+  python -m tools.compare --tag variant=full --tag variant=baseline --group-by variant
+  python -m tools.compare --experiment simformer-synthetic-split2 --columns mIoU,hIoU --csv runs.csv
 """
 from __future__ import annotations
 
