@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PP_FORMS = ("cce", "ce")
 PP_PAIRINGS = ("cross_image", "within_image")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
+FREEZE = ("none", "backbone", "encoder")
 # train.* keys that only say how a run is launched (processes, nodes, rendezvous): they are
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
@@ -130,6 +131,8 @@ class TrainConfig:
     lr: float = _spec(lo=0.0, lo_open=True, help="AdamW learning rate (paper 1e-4)")
     weight_decay: float = _spec(lo=0.0, help="AdamW weight decay (none on norms, biases, embeddings)")
     backbone_lr_mult: float = _spec(lo=0.0, help="backbone lr multiplier (paper 0.1 with ImageNet init)")
+    freeze: str = _spec(choices=FREEZE, help="parts not trained: none (paper), backbone, or encoder (backbone + "
+                                             "pixel decoder, after the weak-shot initialisation)")
     poly_power: float = _spec(lo=0.0, help="poly learning-rate schedule: lr * (1 - step / iterations) ** power")
     clip_grad_norm: float = _spec(lo=0.0, help="global L2 gradient clip; 0 = off")
     device: str = _spec(choices=DEVICES, help="auto = cuda when available, else cpu")

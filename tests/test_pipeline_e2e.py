@@ -22,7 +22,9 @@ TINY = {
     "model": {"hidden_dim": 32, "num_queries": 8, "nheads": 2, "dec_layers": 2, "dim_feedforward": 64,
               "conv_dim": 32, "mask_dim": 32, "gn_groups": 8},
     "loss": {"sim_points": 10, "sim_base_points": 8, "pp_points": 10},
-    "train": {"iterations": 4, "batch_size": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1},
+    "train": {"iterations": 4, "batch_size": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1,
+              "diagnostics_interval": 2},
+    "pretrain": {"iterations": 3, "batch_size": 4},
     "pseudo": {"enabled": True, "iterations": 2},
 }
 # Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training.

@@ -23,6 +23,8 @@ def test_paper_presets_are_valid_and_match_the_reference(name, dataset, crop, it
     assert (p.model.backbone, p.model.num_queries, p.model.dec_layers, p.model.hidden_dim) == ("resnet50", 100, 6, 256)
     assert (p.train.lr, p.train.backbone_lr_mult, p.train.batch_size) == (1e-4, 0.1, 8)
     assert (p.loss.sim_points, p.loss.sim_base_points, p.loss.pp_points) == (100, 80, 100)
+    # the synthetic recipe's deviations do not leak into the paper's
+    assert (p.model.pretrained, p.train.freeze, p.data.photometric, p.model.dropout) == ("imagenet", "none", True, 0.1)
 
 
 def test_preset_prints_dvc_set_param_flags():

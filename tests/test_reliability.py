@@ -39,6 +39,7 @@ def small_params(**groups) -> dict:
     ``groups`` are merged in (``train={"iterations": 6}``)."""
     p = tiny_params()
     p["pseudo"]["enabled"] = False
+    p["model"]["pretrained"] = "none"       # the loop's own tests; the e2e test drives the pretrain stage
     p["train"].update({"iterations": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1,
                        "device": "cpu"})
     p["eval"]["device"] = "cpu"
@@ -254,7 +255,7 @@ def test_generator_crash_keeps_previous_dataset(tmp_path, monkeypatch):
     from pipeline.config import SyntheticConfig
     from pipeline.data import synthetic
     out = tmp_path / "dataset"
-    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32)
+    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32, jitter=1.0)
     synthetic.generate_dataset(out, cfg, 1, progress=False)
     before = {f: sha(out / f) for f in files_under(out) if (out / f).is_file()}
     real = cv2.imwrite

@@ -162,6 +162,10 @@ def build_training(p: Params, split: dict, device: torch.device, fast: FastPath,
                             init["pixel_decoder"] if used else None).to(device)
     else:
         model = build_model(p.model, split["num_classes"], _backbone_state(p)).to(device)
+    if p.train.freeze in ("backbone", "encoder"):      # no gradient is computed for frozen parts
+        model.backbone.requires_grad_(False)
+    if p.train.freeze == "encoder":
+        model.pixel_decoder.requires_grad_(False)
     criterion = build_criterion(p, split["num_classes"], split["base"], split["novel"]).to(device)
     wrap = partial(D.wrap_model, device=device, find_unused=_loss_family_off(p.loss)) if dist.distributed else None
     forward = prepare_model(model, fast, wrap)
