@@ -115,3 +115,17 @@ def grid_hash(cell_hashes: list[str]) -> str:
 
 def shares_main_training(main: Params, cell: Params) -> bool:
     return params_hash(main) == params_hash(cell)
+
+
+def cell_runs(main_raw: Mapping[str, Any], ablation: Ablation, metrics: Mapping[tuple[str, int], Mapping]) -> list[dict]:
+    """Per cell, what :func:`pipeline.tracking.sync_grid` needs: ``variant, seed, params_hash,
+    params_flat, params_text`` (the effective params) and ``metrics`` (``metrics[(variant, seed)]``)."""
+    from .config import flatten, to_dict
+    from .tracking import params_file_text
+    out = []
+    for v, s in ablation.cells():
+        p = cell_params(main_raw, ablation, v, s)
+        out.append({"variant": v, "seed": s, "params_hash": params_hash(p), "params_flat": flatten(to_dict(p)),
+                    "params_text": params_file_text(p, f"ablation cell {cell_key(v, s)}"),
+                    "metrics": dict(metrics[(v, s)])})
+    return out

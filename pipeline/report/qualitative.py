@@ -94,8 +94,9 @@ def qualitative_figure(model: torch.nn.Module, images: list[tuple[str, np.ndarra
     device = torch.device(device)
 
     ncols = 3 + top_k
-    panel = 2.4
-    fig = _new_figure(panel * ncols, panel * len(images) + 0.5)
+    panel, font = 2.4, 11
+    shown: set[int] = set()         # classes in a ground truth or a prediction: the colour legend
+    fig = _new_figure(panel * ncols, panel * len(images) + 1.6)
     axes = np.asarray(fig.subplots(len(images), ncols, squeeze=False))
     was_training = model.training
     model.eval()
@@ -110,13 +111,14 @@ def qualitative_figure(model: torch.nn.Module, images: list[tuple[str, np.ndarra
                 raise ValueError(f"qualitative_figure: ground truth of '{name}' has shape {gt.shape}, "
                                  f"image {image.shape[:2]}")
             pred, probs, masks = _infer(model, image, device)
+            shown |= {int(c) for c in np.unique(np.concatenate([gt.ravel(), pred.ravel()])) if 0 <= c < num_classes}
             ax = axes[row]
             ax[0].imshow(image)
-            ax[0].set_title(str(name), fontsize=8)
-            ax[1].imshow(colorize(gt, colors))
-            ax[1].set_title("ground truth", fontsize=8)
-            ax[2].imshow(colorize(pred, colors))
-            ax[2].set_title("prediction", fontsize=8)
+            ax[0].set_title(str(name), fontsize=font)
+            ax[1].imshow(colorize(gt, colors), interpolation="nearest")
+            ax[1].set_title("ground truth", fontsize=font)
+            ax[2].imshow(colorize(pred, colors), interpolation="nearest")
+            ax[2].set_title("prediction", fontsize=font)
             props = top_proposals(probs, top_k)
             for j in range(top_k):
                 a = ax[3 + j]
@@ -124,15 +126,20 @@ def qualitative_figure(model: torch.nn.Module, images: list[tuple[str, np.ndarra
                     q, c, s = props[j]
                     a.imshow((masks[q].sigmoid() > 0.5).numpy(), cmap="gray", vmin=0, vmax=1,
                              interpolation="nearest")
-                    a.set_title(f"q{q}: {_class_label(c, class_names, novel)} {s:.2f}", fontsize=8,
+                    a.set_title(f"{_class_label(c, class_names, novel)} {s:.2f}", fontsize=font,
                                 color="#C44E52" if c in novel else "black")
                 else:
-                    a.text(0.5, 0.5, "no query", ha="center", va="center", transform=a.transAxes, fontsize=8)
+                    a.text(0.5, 0.5, "no query", ha="center", va="center", transform=a.transAxes, fontsize=font)
             for a in ax:
                 a.set_xticks([])
                 a.set_yticks([])
     finally:
         model.train(was_training)
-    fig.suptitle(f"qualitative results: top {top_k} proposals by class score (* = novel class)", fontsize=9)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=colors[c] / 255.0, edgecolor="0.3", label=_class_label(c, class_names, novel))
+               for c in sorted(shown)] + [Patch(facecolor=np.array(IGNORE_COLOR) / 255.0, label="ignored")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), max(3, ncols * 2)), fontsize=font - 1,
+               frameon=False, title="classes (* = novel)", title_fontsize=font - 1)
+    fig.tight_layout(rect=(0, 1.3 / (panel * len(images) + 1.6), 1, 1))
     return _save(fig, out_png)
