@@ -199,6 +199,25 @@ def experiment_id(client, root: Path, name: str) -> str:
         return eid
 
 
+@contextlib.contextmanager
+def using_store(root: str | os.PathLike):
+    """MLflow's fluent API (``mlflow.pyfunc.load_model("models:/...")``, ``mlflow.search_runs``)
+    on the store of ``root``, from the root (relative artifact locations resolve from there);
+    the process's tracking URI, ``$MLFLOW_TRACKING_URI`` and working directory are restored
+    afterwards (MLflow's ``set_tracking_uri`` also sets the variable, which child processes
+    would inherit)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(root)
+    with contextlib.chdir(root) if _embedded() else contextlib.nullcontext():
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(before)
+
+
 def _quote(s: str) -> str:
     return "'" + str(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -360,13 +379,16 @@ class RunTracker:
         model_file = Path(model_file).resolve()
 
         def log_pyfunc():
-            import mlflow
-
             from .serving import log_segmenter
-            mlflow.set_tracking_uri(tracking_uri(self.root))
-            log_segmenter(self.client, self.experiment_id, self.run_id, model_file, example, registered_name)
+            with using_store(self.root):
+                log_segmenter(self.client, self.experiment_id, self.run_id, model_file, example, registered_name)
 
         self._call("log_model", log_pyfunc, retry=False)      # a retry would log a second model
+
+    def runs_url(self) -> str:
+        """The UI page of this run's experiment's runs table (``make ui`` serves the embedded store)."""
+        base = tracking_uri(self.root) if not _embedded() else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with an MLflow status (FINISHED, FAILED or KILLED); idempotent, and a no-op
@@ -466,10 +488,10 @@ def search_runs_frame(root: str | os.PathLike, experiment: str, tags: Mapping[st
     import mlflow
 
     open_client(root)                                    # fails clearly on a missing / locked store
-    mlflow.set_tracking_uri(tracking_uri(root))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        raise TrackingError(f"MLflow store {_store_name(Path(root))} has no experiment '{experiment}'")
-    df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
+    with using_store(root):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            raise TrackingError(f"MLflow store {_store_name(Path(root))} has no experiment '{experiment}'")
+        df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
     for key, values in (tags or {}).items():
         col = f"tags.{key}"
         df = df[df[col].isin(values)] if col in df else df.iloc[0:0]

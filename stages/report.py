@@ -47,7 +47,8 @@ def main() -> None:
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
         grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations)
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)
-    retrain = read_json(args.retrain_metrics) if args.retrain_metrics and args.retrain_metrics.is_file() else None
+    retrain = (read_json(args.retrain_metrics).get("retrain") if args.retrain_metrics and args.retrain_metrics.is_file()
+               else None)
     inputs = Inputs(
         title=p.report.title, dataset=p.data.dataset, split=p.data.split, metrics=read_json(args.metrics),
         per_class=pd.read_csv(args.per_class, keep_default_na=False, na_values=[""]), curve=pd.read_csv(args.curve),

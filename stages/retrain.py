@@ -58,8 +58,9 @@ def main() -> None:
         write_curve(args.out / "curve.csv", out.history)
         metrics, _, _ = evaluate_model(model.eval(), args.dataset_dir, index, split, p, device,
                                        progress=not args.no_progress)
-        write_json(args.metrics, metrics_to_json({**{k: metrics[k] for k in SUMMARY_KEYS},
-                                                  "pseudo_novel_precision": stats["novel_precision"]}))
+        # nested, so that DVC names its columns retrain.mIoU, ... apart from the main model's mIoU, ...
+        write_json(args.metrics, metrics_to_json({"retrain": {**{k: metrics[k] for k in SUMMARY_KEYS},
+                                                              "pseudo_novel_precision": stats["novel_precision"]}}))
         if tracker:
             tracker.log_metrics({k: metrics[k] for k in SUMMARY_KEYS})
         log_trained_model(tracker, args.out / "model.pt", args.dataset_dir, index, cores, register=False)

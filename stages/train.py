@@ -63,6 +63,8 @@ def main() -> None:
         print(f"trained {out.steps} steps (resumed from {out.resumed_from}) in {out.seconds:.0f}s"
               + (f" on {dist.world_size} processes" if dist.distributed else "")
               + f"; final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
+        if tracker:
+            print(f"MLflow run {tracker.run_id}: {tracker.runs_url()}")
 
 
 def torchrun_argv(p, argv: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
 """MLflow tracking against a throw-away SQLite store under tmp_path."""
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ from pipeline.tracking import (
     store_root,
     sync_grid,
     tracking_uri,
+    using_store,
 )
 
 from tests.test_reliability import tiny_data  # noqa: E402,F401  (session fixture: a tiny prepared dataset)
@@ -306,6 +308,9 @@ def test_copied_store_reads_its_own_artifacts(tmp_path, monkeypatch):
                                               dst_path=str(tmp_path / "dl"))
     assert Path(got).read_text() == "copy: me\n"
     monkeypatch.chdir(tmp_path)
+    with using_store(b):
+        assert mlflow.get_tracking_uri() == tracking_uri(b) and Path.cwd() == b.resolve()
+    assert "MLFLOW_TRACKING_URI" not in os.environ and Path.cwd() == tmp_path   # nothing leaks out
     with RunTracker(b, EXP) as tr:                     # logging into the copy lands in the copy
         assert tr.start(h, "train", flat, "", {}, include_finished=True) == rid
         (tmp_path / "more.txt").write_text("more\n")
@@ -317,7 +322,6 @@ def test_copied_store_reads_its_own_artifacts(tmp_path, monkeypatch):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` on 127.0.0.1 and a free port, with its own database and artifact folder."""
-    import os
     import signal
     import socket
     import urllib.request
@@ -348,9 +352,7 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=60)
 
 
-def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflow_server, tiny_data, monkeypatch):
-    import os
-
+def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflow_server, tiny_data):
     import numpy as np
 
     from tests.test_reliability import small_params, train_argv, write_params
@@ -365,8 +367,6 @@ def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflo
     assert r.returncode == 0, r.stderr
     assert "failed" not in r.stderr, r.stderr
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()   # nothing embedded
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    assert tracking_uri(project) == url
     c = mlflow.MlflowClient(url)
     exp = c.get_experiment_by_name(EXP)
     (run,) = c.search_runs([exp.experiment_id])
@@ -374,8 +374,13 @@ def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflo
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert run.data.params["train.iterations"] == "4"
     assert (srv / "artifacts").is_dir() and list((srv / "artifacts").rglob("model.pt"))   # the server stores them
-    mlflow.set_tracking_uri(url)
-    model = mlflow.pyfunc.load_model(f"models:/{EXP}/1")
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    try:
+        assert tracking_uri(project) == url
+        with using_store(project):
+            model = mlflow.pyfunc.load_model(f"models:/{EXP}/1")
+    finally:
+        mlflow.set_tracking_uri(None)          # clears the process's URI and the variable
     image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
     labels = model.predict(image)
     assert labels.shape == (40, 52) and labels.dtype == np.int64 and 0 <= labels.min() <= labels.max() < 24
