@@ -1,37 +1,26 @@
 """MLflow tracking: one store per repository, one experiment per dataset and split.
 
-Store
------
-* ``MLFLOW_TRACKING_URI`` set in the environment wins: a shared ``mlflow server``, which
-  then decides where artifacts go.
-* Otherwise the embedded store at the root (:func:`store_root`: ``$DVC_ROOT`` when set, as
-  under ``dvc exp run --temp`` / queued runs that execute in ``.dvc/tmp/exps/...``, else the
-  git top level, else the working directory): metadata in ``<root>/mlflow.db`` (SQLite),
-  artifacts in ``<root>/mlartifacts/<experiment>/``. Experiments record that folder
-  *relative* to the root, so a moved or copied repository keeps its artifacts; MLflow
-  resolves it from the working directory, so ``mlflow ui`` and ``mlflow.pyfunc.load_model``
-  run from the repository root (``make ui``), and this module writes artifacts from there.
+Store: ``$MLFLOW_TRACKING_URI`` when set (a shared ``mlflow server``, which keeps the
+artifacts), else the embedded one at :func:`store_root` (``$DVC_ROOT``, which DVC sets also
+for ``dvc exp run --temp`` / queued runs in ``.dvc/tmp/exps/...``; else the git top level):
+``<root>/mlflow.db`` and ``<root>/mlartifacts/<experiment>/``. Experiments record that folder
+relative to the root, so a moved or copied repository keeps its artifacts; MLflow resolves it
+from the working directory, so artifacts are written, and read (:func:`using_store`,
+``make ui``), from the root.
 
-Runs: one per trained thing, never rewritten by a later one
-------------------------------------------------------------
-Every run is tagged ``params_hash`` (:func:`pipeline.config.params_hash`). ``start`` finds
-the newest run with the hash: an unfinished one (crashed, failed, killed) is *resumed*
-(RUNNING again, ``resume_count`` + 1); with ``include_finished`` a FINISHED one is
-*reopened* to add evaluation, keeping its status, start and end times and resume count.
-Params already logged are kept (MLflow forbids changing them), missing ones added.
-A new run gets the flattened params, ``params.yaml`` (the caller's text: the run's
-effective params) and the tags ``git_commit``, ``dvc_exp_name``, ``params_hash``.
+Runs, one per trained thing and never rewritten by a later one, are tagged ``params_hash``
+(:func:`pipeline.config.params_hash`). :meth:`RunTracker.start` *resumes* the newest
+unfinished run of the hash (crashed, failed, killed: RUNNING again, ``resume_count`` + 1) and,
+with ``include_finished``, *reopens* a FINISHED one to add evaluation, leaving its status,
+times and resume count alone. Logged params are kept (MLflow forbids changing them), missing
+ones added. A new run gets the flattened params, the caller's ``params.yaml`` text (the run's
+effective params) and the tags ``git_commit``, ``dvc_exp_name``, ``params_hash``. An ablation
+grid's parent and children: :func:`pipeline.ablation.sync_grid`.
 
-:func:`sync_grid` makes an ablation grid's parent run. A cell's own run becomes its child
-when it has no parent yet; a later grid that reuses the cached cell gets a *link* child
-(tag ``linked_run_id``, no ``params_hash``) instead of moving it.
-
-Errors: a store that cannot be opened raises :class:`TrackingError` naming it before any
-work (the SQLite file is probed first, so the failure is immediate). Once a run is open a
-failing call is retried, then warned about and recorded in ``RunTracker.failures``
-(``strict=True`` raises): the DVC outputs are the record of truth, MLflow the index.
-
-MLflow is imported inside functions only: ``pipeline`` imports without it.
+Errors: a store that cannot be opened raises :class:`TrackingError` naming it, before any
+work (the SQLite file is probed first: no minutes of retries). Later a failing call is
+retried, then warned about and recorded in ``RunTracker.failures`` (``strict=True`` raises):
+the DVC outputs are the record of truth, MLflow the index. MLflow is imported on use only.
 """
 from __future__ import annotations
 
@@ -93,6 +82,12 @@ def experiment_name(dataset: str, split: int | str) -> str:
     return f"simformer-{dataset}-split{split}"
 
 
+def run_name(base: str) -> str:
+    """Short run names: ``base``, then the DVC experiment's name when there is one (never a hash)."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{base}@{exp}" if exp else base
+
+
 def params_file_text(p, what: str) -> str:
     """The params a run used (:class:`pipeline.config.Params`) as a params file: a cell's or the
     retraining's ``params.yaml`` artifact."""
@@ -150,10 +145,8 @@ def _init_lock(root: Path):
 
 
 def open_client(root: str | os.PathLike, timeout: float = 30.0):
-    """``mlflow.MlflowClient`` on the store of ``root`` (the embedded one is created on first use).
-
-    Raises :class:`TrackingError` naming the store when it cannot be opened.
-    """
+    """``mlflow.MlflowClient`` on the store of ``root`` (the embedded one is created on first
+    use); :class:`TrackingError` naming the store when it cannot be opened."""
     root = Path(root).resolve()
     try:
         from mlflow import MlflowClient
@@ -222,8 +215,8 @@ def _quote(s: str) -> str:
     return "'" + str(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _search(client, exp_id: str, filters: Mapping[str, str]) -> list:
-    """Runs of the experiment whose tags equal ``filters``, newest first."""
+def find_runs(client, exp_id: str, filters: Mapping[str, str]) -> list:
+    """Active runs of the experiment whose tags equal ``filters``, newest first."""
     flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in filters.items())
     return client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"],
                               max_results=1000)
@@ -239,7 +232,7 @@ def _retrying(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _metrics(metrics: Mapping[str, Any], step: int | None = None) -> list:
+def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list:
     """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped)."""
     from mlflow.entities import Metric
 
@@ -280,9 +273,8 @@ class RunTracker:
 
     def start(self, params_hash: str, run_name: str, params_flat: Mapping[str, Any], params_yaml_text: str,
               tags: Mapping[str, Any] | None = None, resume: bool = True, include_finished: bool = False) -> str:
-        """Open, resume or reopen the run (see the module docstring) and return its id; raises
-        :class:`TrackingError` when the store cannot be opened or written (call it before any
-        expensive work)."""
+        """Open, resume or reopen the run (module docstring) and return its id; call it before
+        any expensive work (:class:`TrackingError` when the store cannot be used)."""
         if not params_hash:
             raise ValueError("params_hash must be a non-empty string")
         self.client = client = open_client(self.root, self.timeout)
@@ -299,7 +291,7 @@ class RunTracker:
             self.experiment_id = _retrying(experiment_id, client, self.root, self.experiment)
             found = None
             if resume:
-                runs = _retrying(_search, client, self.experiment_id, {"params_hash": params_hash})
+                runs = _retrying(find_runs, client, self.experiment_id, {"params_hash": params_hash})
                 found = next((r for r in runs if include_finished or r.info.status in UNFINISHED), None)
             if found is None:
                 run = _retrying(client.create_run, self.experiment_id, tags=all_tags, run_name=run_name)
@@ -354,7 +346,7 @@ class RunTracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log the finite numbers of ``metrics`` (None, strings and bools are skipped)."""
-        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=_metrics(metrics, step))
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=metric_entities(metrics, step))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file (or every file of a folder) into the run's artifacts."""
@@ -363,9 +355,6 @@ class RunTracker:
             raise FileNotFoundError(f"artifact to log does not exist: {path}")
         fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
         self._call(f"log_artifact({path})", fn, self.run_id, str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._call(f"log_text({artifact_file})", self.client.log_text, self.run_id, text, artifact_file)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -413,102 +402,3 @@ class RunTracker:
                 raise
             log.exception("could not mark MLflow run %s %s", self.run_id, status)
         return False
-
-
-# ---------------------------------------------------------------- ablation grids
-
-def sync_grid(root: str | os.PathLike, experiment: str, grid_id: str, grid_params: Mapping[str, Any],
-              cells: list[dict], grid_metrics: Mapping[str, float], params_yaml_text: str,
-              artifacts: Iterable[str | os.PathLike] = ()) -> dict:
-    """The grid's parent run (found again by ``grid_id``) and one child per cell.
-
-    ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat``,
-    ``params_text`` (the cell's effective params) and ``metrics``. A cell's own run (found by
-    params hash: the ablate stage's, or the main training's for the shared cell) becomes the
-    child when it has no parent; one that already belongs to another grid gets a link child
-    here (tag ``linked_run_id``; the run itself is never moved); a cell restored by a DVC
-    run-cache hit has no run in this store, so one is made from its saved metrics. Running
-    again creates nothing. ``grid_metrics`` (per-variant mean and std) and ``artifacts``
-    (tables, report) go on the parent. Returns ``{"parent": id, "children": {"<variant>-<seed>": id}}``.
-    """
-    from mlflow.entities import Param
-
-    parent = RunTracker(root, experiment, strict=True)
-    with parent:
-        parent.start(f"grid-{grid_id}", run_name("ablation-grid"), grid_params, params_yaml_text,
-                     tags={"role": "ablation_grid", "grid_id": grid_id,
-                           "mlflow.note.content": f"Ablation grid {grid_id}: {len(cells)} cells"},
-                     include_finished=True)
-        client, exp_id = parent.client, parent.experiment_id
-        children = {}
-        for cell in cells:
-            name = f"{cell['variant']}-seed{cell['seed']}"
-            tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "grid_id": grid_id,
-                    "mlflow.parentRunId": parent.run_id}
-            own = next(iter(_search(client, exp_id, {"params_hash": cell["params_hash"]})), None)
-            if own is None or own.data.tags.get("mlflow.parentRunId") in (None, parent.run_id):
-                with RunTracker(root, experiment, strict=True) as tr:
-                    tr.start(cell["params_hash"], run_name(name), cell["params_flat"], cell["params_text"],
-                             {"stage": "ablate", **tags}, include_finished=True)
-                    tr.set_tags(tags)
-                    if own is None:          # a run-cache hit left this cell without a run
-                        tr.log_metrics(cell["metrics"])
-                        tr.set_tags({"restored_from": "dvc_run_cache"})
-                children[name] = tr.run_id
-                continue
-            link = next(iter(_search(client, exp_id, {"grid_id": grid_id, "linked_run_id": own.info.run_id})), None)
-            if link is None:
-                note = (f"Cached cell: trained in run {own.info.run_id} (grid {own.data.tags.get('grid_id', '?')}); "
-                        "this run only links to it.")
-                link = client.create_run(exp_id, run_name=run_name(name) + " (cached)",
-                                         tags={**tags, "role": "cell_link", "linked_run_id": own.info.run_id,
-                                               "cell_params_hash": cell["params_hash"], "mlflow.note.content": note})
-                client.log_batch(link.info.run_id, metrics=_metrics(cell["metrics"]),
-                                 params=[Param(k, str(v)) for k, v in cell["params_flat"].items()])
-                client.set_terminated(link.info.run_id, "FINISHED")
-            children[name] = link.info.run_id
-        logged = client.get_run(parent.run_id).data.metrics
-        parent.log_metrics({k: v for k, v in grid_metrics.items() if logged.get(metric_key(k)) != v})
-        for path in artifacts:
-            parent.log_artifact(path, "report")
-    return {"parent": parent.run_id, "children": children}
-
-
-def run_name(base: str) -> str:
-    """Short run names: ``base``, then the DVC experiment's name when there is one (never a hash)."""
-    exp = os.environ.get("DVC_EXP_NAME")
-    return f"{base}@{exp}" if exp else base
-
-
-# ---------------------------------------------------------------- reading runs back
-
-def search_runs_frame(root: str | os.PathLike, experiment: str, tags: Mapping[str, list[str]] | None = None):
-    """``mlflow.search_runs`` of one experiment as a pandas DataFrame, filtered by tag values
-    (several values of one tag are alternatives)."""
-    import mlflow
-
-    open_client(root)                                    # fails clearly on a missing / locked store
-    with using_store(root):
-        if mlflow.get_experiment_by_name(experiment) is None:
-            raise TrackingError(f"MLflow store {_store_name(Path(root))} has no experiment '{experiment}'")
-        df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
-    for key, values in (tags or {}).items():
-        col = f"tags.{key}"
-        df = df[df[col].isin(values)] if col in df else df.iloc[0:0]
-    return df
-
-
-def runs_table(df, metrics: list[str], group_by: str | None = None):
-    """Run name, variant, seed, status and the chosen metrics; or mean/std/count per ``group_by`` tag."""
-    import pandas as pd
-
-    cols = {"tags.mlflow.runName": "run", "tags.variant": "variant", "tags.seed": "seed", "status": "status",
-            "tags.params_hash": "params_hash"}
-    out = pd.DataFrame({new: df[old] for old, new in cols.items() if old in df})
-    for m in metrics:
-        out[m] = df[f"metrics.{m}"] if f"metrics.{m}" in df else float("nan")
-    if group_by is None or out.empty:
-        return out.reset_index(drop=True)
-    if group_by not in out:
-        out[group_by] = df.get(f"tags.{group_by}")
-    return out.groupby(group_by)[metrics].agg(["mean", "std", "count"])

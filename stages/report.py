@@ -35,7 +35,7 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import tracking
-    from pipeline.ablation import cell_runs, grid_hash, parse_ablation
+    from pipeline.ablation import cell_runs, grid_hash, parse_ablation, sync_grid
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
@@ -64,7 +64,7 @@ def main() -> None:
         runs = cell_runs(raw, g, {k: {m: v[m] for m in ab.SUMMARY_KEYS} for k, v in metrics.items()})
         summary = {f"{v}.{m}.{stat}": x for v, ms in ab.ablation_summary(table).items() for m, st in ms.items()
                    for stat, x in st.items() if stat != "n" and x is not None}
-        out = tracking.sync_grid(
+        out = sync_grid(
             tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split),
             grid_hash([c["params_hash"] for c in runs]),
             {"ablation.seeds": g.seeds, "ablation.iterations": g.iterations, "ablation.variants": ",".join(variants),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.ablation import sync_grid
 from pipeline.config import build_params, flatten, params_hash, to_dict
 from pipeline.tracking import (
     RunTracker,
@@ -16,7 +17,6 @@ from pipeline.tracking import (
     experiment_name,
     git_commit,
     store_root,
-    sync_grid,
     tracking_uri,
     using_store,
 )

@@ -359,9 +359,10 @@ def plot_novel_class_iou(df: pd.DataFrame, out_png) -> Path:
         yy = y - group / 2 + (i + 0.5) * h
         ax.barh(yy, np.nan_to_num(vals, nan=0.0), height=h * 0.95, color=f"C{i % 10}", label=v)
         for yv in yy[np.isnan(vals)]:  # class absent from prediction and GT in every seed
-            ax.text(0.5, yv, "n/a", va="center", ha="left", fontsize=6, color=f"C{i % 10}")
+            ax.text(0.01, yv, "n/a", va="center", ha="left", fontsize=8, color=f"C{i % 10}",
+                    transform=ax.get_yaxis_transform())
     ax.set_yticks(y)
-    ax.set_yticklabels([str(s) for s in df["name"]], fontsize=8)
+    ax.set_yticklabels([str(s) for s in df["name"]], fontsize=9)
     ax.invert_yaxis()
     ax.set_xlim(0, _axis_max(df[variants].apply(pd.to_numeric, errors="coerce").to_numpy()))
     ax.set_xlabel("IoU (%) — mean over seeds")

@@ -73,7 +73,7 @@ def run_section(r: Inputs) -> Section:
              f"- date: {run.get('date', 'unknown')}",
              f"- main model: {run.get('iterations', '?')} iterations, seed {run.get('seed', '?')}"]
     if grid is not None:
-        lines.append(f"- ablation grid: {len(grid.variants)} variants × seeds {', '.join(map(str, grid.seeds))}, "
+        lines.append(f"- ablation grid: {len(grid.variants)} variants × seeds {', '.join(map(str, grid.seeds))}; "
                      f"{grid.iterations} iterations per cell")
     changed = run.get("changed")
     if changed is None:
