@@ -33,7 +33,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
