@@ -22,7 +22,7 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .config import ConfigError, Params, build_params, params_hash
 
@@ -117,3 +117,75 @@ def grid_hash(cell_hashes: list[str]) -> str:
 
 def shares_main_training(main: Params, cell: Params) -> bool:
     return params_hash(main) == params_hash(cell)
+
+
+def cell_runs(main_raw: Mapping[str, Any], ablation: Ablation, metrics: Mapping[tuple[str, int], Mapping]) -> list[dict]:
+    """Per cell, what :func:`pipeline.tracking.sync_grid` needs: ``variant, seed, params_hash,
+    params_flat, params_text`` (the effective params) and ``metrics`` (``metrics[(variant, seed)]``)."""
+    from .config import flatten, to_dict
+    from .tracking import params_file_text
+    out = []
+    for v, s in ablation.cells():
+        p = cell_params(main_raw, ablation, v, s)
+        out.append({"variant": v, "seed": s, "params_hash": params_hash(p), "params_flat": flatten(to_dict(p)),
+                    "params_text": params_file_text(p, f"ablation cell {cell_key(v, s)}"),
+                    "metrics": dict(metrics[(v, s)])})
+    return out
+
+
+def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any],
+              cells: list[dict], grid_metrics: Mapping[str, float], params_yaml_text: str,
+              artifacts: Iterable = ()) -> dict:
+    """The grid's parent run (found again by ``grid_id``) and one child per cell.
+
+    ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat``,
+    ``params_text`` (the cell's effective params) and ``metrics``. A cell's own run (found by
+    params hash: the ablate stage's, or the main training's for the shared cell) becomes the
+    child when it has no parent; one that already belongs to another grid gets a link child
+    here (tag ``linked_run_id``; the run itself is never moved); a cell restored by a DVC
+    run-cache hit has no run in this store, so one is made from its saved metrics. Running
+    again creates nothing. ``grid_metrics`` (per-variant mean and std) and ``artifacts``
+    (tables, report) go on the parent. Returns ``{"parent": id, "children": {"<variant>-<seed>": id}}``.
+    """
+    from mlflow.entities import Param
+
+    from . import tracking
+    parent = tracking.RunTracker(root, experiment, strict=True)
+    with parent:
+        parent.start(f"grid-{grid_id}", tracking.run_name("ablation-grid"), grid_params, params_yaml_text,
+                     tags={"role": "ablation_grid", "grid_id": grid_id,
+                           "mlflow.note.content": f"Ablation grid {grid_id}: {len(cells)} cells"},
+                     include_finished=True)
+        client, exp_id = parent.client, parent.experiment_id
+        children = {}
+        for cell in cells:
+            name = f"{cell['variant']}-seed{cell['seed']}"
+            tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "grid_id": grid_id,
+                    "mlflow.parentRunId": parent.run_id}
+            own = next(iter(tracking.find_runs(client, exp_id, {"params_hash": cell["params_hash"]})), None)
+            if own is None or own.data.tags.get("mlflow.parentRunId") in (None, parent.run_id):
+                with tracking.RunTracker(root, experiment, strict=True) as tr:
+                    tr.start(cell["params_hash"], tracking.run_name(name), cell["params_flat"], cell["params_text"],
+                             {"stage": "ablate", **tags}, include_finished=True)
+                    tr.set_tags(tags)
+                    if own is None:          # a run-cache hit left this cell without a run
+                        tr.log_metrics(cell["metrics"])
+                        tr.set_tags({"restored_from": "dvc_run_cache"})
+                children[name] = tr.run_id
+                continue
+            link = next(iter(tracking.find_runs(client, exp_id, {"grid_id": grid_id, "linked_run_id": own.info.run_id})), None)
+            if link is None:
+                note = (f"Cached cell: trained in run {own.info.run_id} (grid {own.data.tags.get('grid_id', '?')}); "
+                        "this run only links to it.")
+                link = client.create_run(exp_id, run_name=tracking.run_name(name) + " (cached)",
+                                         tags={**tags, "role": "cell_link", "linked_run_id": own.info.run_id,
+                                               "cell_params_hash": cell["params_hash"], "mlflow.note.content": note})
+                client.log_batch(link.info.run_id, metrics=tracking.metric_entities(cell["metrics"]),
+                                 params=[Param(k, str(v)) for k, v in cell["params_flat"].items()])
+                client.set_terminated(link.info.run_id, "FINISHED")
+            children[name] = link.info.run_id
+        logged = client.get_run(parent.run_id).data.metrics
+        parent.log_metrics({k: v for k, v in grid_metrics.items() if logged.get(tracking.metric_key(k)) != v})
+        for path in artifacts:
+            parent.log_artifact(path, "report")
+    return {"parent": parent.run_id, "children": children}

@@ -1,45 +1,26 @@
-"""MLflow tracking: one SQLite store per repository, one experiment per dataset and split.
+"""MLflow tracking: one store per repository, one experiment per dataset and split.
 
-Store layout
-------------
-* Root (:func:`store_root`): ``$DVC_ROOT`` when set (DVC points it at the real repository
-  root also for ``dvc exp run --temp`` / queued runs, which execute inside
-  ``.dvc/tmp/exps/...``), else the git top level of the working directory, else the
-  working directory.
-* Metadata: ``<root>/mlflow.db`` (``sqlite:////abs/path/mlflow.db``, :func:`tracking_uri`).
-* Artifacts: ``<root>/mlartifacts/<experiment name>/<run id>/artifacts``. Experiments are
-  created with this explicit absolute ``artifact_location``: MLflow's relative default
-  (``./mlruns``) would land inside the temporary run folder and vanish with it.
-  View with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` from the repository root.
+Store: ``$MLFLOW_TRACKING_URI`` when set (a shared ``mlflow server``, which keeps the
+artifacts), else the embedded one at :func:`store_root` (``$DVC_ROOT``, which DVC sets also
+for ``dvc exp run --temp`` / queued runs in ``.dvc/tmp/exps/...``; else the git top level):
+``<root>/mlflow.db`` and ``<root>/mlartifacts/<experiment>/``. Experiments record that folder
+relative to the root, so a moved or copied repository keeps its artifacts; MLflow resolves it
+from the working directory, so artifacts are written, and read (:func:`using_store`,
+``make ui``), from the root.
 
-Runs
-----
-:class:`RunTracker` tags every run with ``params_hash`` (``pipeline.config.params_hash``).
-``start(..., resume=True)`` reopens the newest run of the experiment with the same hash
-that is not FINISHED (a crashed, failed or killed training resuming from its checkpoint)
-instead of opening a duplicate (``include_finished=True`` also reopens a FINISHED run: the
-evaluate stage logs onto its training run); params and tags already logged are left alone
-(MLflow forbids changing a logged param), only missing ones are added. A new run gets all flattened params
-(batches of at most 100), the params file text as artifact ``params.yaml`` and the tags
-``git_commit``, ``dvc_exp_name``, ``params_hash`` plus the caller's.
+Runs, one per trained thing and never rewritten by a later one, are tagged ``params_hash``
+(:func:`pipeline.config.params_hash`). :meth:`RunTracker.start` *resumes* the newest
+unfinished run of the hash (crashed, failed, killed: RUNNING again, ``resume_count`` + 1) and,
+with ``include_finished``, *reopens* a FINISHED one to add evaluation, leaving its status,
+times and resume count alone. Logged params are kept (MLflow forbids changing them), missing
+ones added. A new run gets the flattened params, the caller's ``params.yaml`` text (the run's
+effective params) and the tags ``git_commit``, ``dvc_exp_name``, ``params_hash``. An ablation
+grid's parent and children: :func:`pipeline.ablation.sync_grid`.
 
-Errors (decision)
------------------
-* Store open errors **fail before training starts**: the training stage calls
-  :meth:`RunTracker.start` before any work, and a store that is missing, not a file,
-  unwritable, or locked for longer than ``timeout`` seconds raises :class:`TrackingError`
-  naming the store path and the cause. The store is probed with ``sqlite3`` first, so the
-  failure is immediate rather than after MLflow's ~100 s engine-retry loop.
-* After a successful start, a logging call that fails (e.g. the database briefly locked by
-  a concurrent run) is retried a few times; then, with ``strict=False`` (default), it is
-  reported through ``logging`` and recorded in ``RunTracker.failures`` and training goes
-  on (the DVC outputs - ``reports/*.csv|json``, checkpoints - are the record of truth;
-  MLflow is the index over them). With ``strict=True`` it raises :class:`TrackingError`.
-* Used as a context manager, the run ends FINISHED on normal exit, FAILED on an exception
-  and KILLED on ``KeyboardInterrupt``; both FAILED and KILLED runs are resumable.
-
-MLflow is imported lazily inside functions only: ``pipeline`` imports without MLflow (the GPU
-machine has none); only calling into this module needs it.
+Errors: a store that cannot be opened raises :class:`TrackingError` naming it, before any
+work (the SQLite file is probed first: no minutes of retries). Later a failing call is
+retried, then warned about and recorded in ``RunTracker.failures`` (``strict=True`` raises):
+the DVC outputs are the record of truth, MLflow the index. MLflow is imported on use only.
 """
 from __future__ import annotations
 
@@ -47,20 +28,18 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
-PARAMS_CHUNK = 100
-METRICS_CHUNK = 1000
-PARAM_VALUE_MAX = 6000
 UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
 _RETRY_SLEEPS = (0.2, 0.5, 1.0)
 
@@ -69,7 +48,7 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be opened or written."""
 
 
-# ---------------------------------------------------------------- paths and names
+# ---------------------------------------------------------------- where the store is
 
 def store_root(cwd: str | os.PathLike | None = None) -> Path:
     """``$DVC_ROOT`` if set, else the git top level of ``cwd``, else ``cwd`` (absolute)."""
@@ -77,47 +56,63 @@ def store_root(cwd: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser().resolve()
     cwd = Path(cwd) if cwd is not None else Path.cwd()
-    try:
-        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=20)
-        if out.returncode == 0 and out.stdout.strip():
-            return Path(out.stdout.strip()).resolve()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return cwd.resolve()
+    top = _git(cwd, "rev-parse", "--show-toplevel")
+    return Path(top).resolve() if top else cwd.resolve()
 
 
 def db_path(root: str | os.PathLike) -> Path:
     return Path(root).resolve() / DB_NAME
 
 
-def artifact_root(root: str | os.PathLike) -> Path:
-    return Path(root).resolve() / ARTIFACTS_DIR
-
-
 def tracking_uri(root: str | os.PathLike) -> str:
-    """``sqlite:///<absolute root>/mlflow.db`` (four slashes for an absolute POSIX path)."""
-    return f"sqlite:///{db_path(root).as_posix()}"
+    """``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<absolute root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{db_path(root).as_posix()}"
+
+
+def _embedded() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+
+
+def _store_name(root: Path) -> str:
+    return str(db_path(root)) if _embedded() else tracking_uri(root)
 
 
 def experiment_name(dataset: str, split: int | str) -> str:
+    """Also the registered model's name."""
     return f"simformer-{dataset}-split{split}"
+
+
+def run_name(base: str) -> str:
+    """Short run names: ``base``, then the DVC experiment's name when there is one (never a hash)."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{base}@{exp}" if exp else base
+
+
+def params_file_text(p, what: str) -> str:
+    """The params a run used (:class:`pipeline.config.Params`) as a params file: a cell's or the
+    retraining's ``params.yaml`` artifact."""
+    import yaml
+
+    from .config import to_dict
+    return f"# effective params of {what}\n" + yaml.safe_dump(to_dict(p), sort_keys=False)
+
+
+def _git(root, *args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def git_commit(root: str | os.PathLike) -> str:
     """``git rev-parse HEAD`` at ``root``; ``"unknown"`` outside a repository or without git."""
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else "unknown"
+    return _git(root, "rev-parse", "HEAD") or "unknown"
 
 
 # ---------------------------------------------------------------- store access
 
-def _probe_store(root: Path, timeout: float) -> Path:
+def _probe_store(root: Path, timeout: float) -> None:
     """Open the SQLite file directly and take (then release) a write lock: fast, clear errors."""
     db = db_path(root)
     if not root.is_dir():
@@ -125,129 +120,133 @@ def _probe_store(root: Path, timeout: float) -> Path:
                             "(set DVC_ROOT or run from inside the repository)")
     if db.exists() and not db.is_file():
         raise TrackingError(f"MLflow store {db} cannot be opened: the path exists but is not a regular file")
-    conn = None
     try:
-        conn = sqlite3.connect(str(db), timeout=timeout, isolation_level=None)
-        conn.execute("PRAGMA schema_version").fetchone()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
+        with contextlib.closing(sqlite3.connect(str(db), timeout=timeout, isolation_level=None)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
     except sqlite3.Error as e:
-        cause = str(e)
-        if "locked" in cause:
-            cause += f" (another process held the database for more than {timeout:g} s)"
+        cause = str(e) + (f" (another process held the database for more than {timeout:g} s)"
+                          if "locked" in str(e) else "")
         raise TrackingError(f"MLflow store {db} cannot be opened: {cause}") from e
-    finally:
-        if conn is not None:
-            conn.close()
-    return db
 
 
 @contextlib.contextmanager
 def _init_lock(root: Path):
-    """Serialise store creation/migration and experiment creation between processes."""
+    """Serialise store creation and experiment creation between processes (POSIX flock)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
-    try:
         fh = open(root / INIT_LOCK_NAME, "a+")
-    except OSError:
+    except (ImportError, OSError):
         yield
         return
-    try:
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
-
-
-def _quiet_store_logs() -> None:
-    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def open_client(root: str | os.PathLike, timeout: float = 30.0):
-    """``mlflow.MlflowClient`` on the store at ``root`` (created on first use).
-
-    Raises :class:`TrackingError` naming the store path when it cannot be opened.
-    """
+    """``mlflow.MlflowClient`` on the store of ``root`` (the embedded one is created on first
+    use); :class:`TrackingError` naming the store when it cannot be opened."""
     root = Path(root).resolve()
     try:
         from mlflow import MlflowClient
     except ImportError as e:
-        raise TrackingError(f"MLflow store {db_path(root)} cannot be opened: mlflow is not installed ({e})") from e
-    db = _probe_store(root, timeout)
-    _quiet_store_logs()
+        raise TrackingError(f"MLflow store {_store_name(root)} cannot be opened: mlflow is not installed ({e})") from e
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        if not _embedded():
+            client = MlflowClient(tracking_uri=tracking_uri(root))
+            client.search_experiments(max_results=1)         # fails now, not mid-training
+            return client
+        _probe_store(root, timeout)
         with _init_lock(root):
             return MlflowClient(tracking_uri=tracking_uri(root))
+    except TrackingError:
+        raise
     except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-        raise TrackingError(f"MLflow store {db} cannot be opened: {type(e).__name__}: {e}") from e
+        raise TrackingError(f"MLflow store {_store_name(root)} cannot be opened: {type(e).__name__}: {e}") from e
 
 
-def _experiment_id(client, root: Path, name: str, create: bool) -> str | None:
+def experiment_id(client, root: Path, name: str) -> str:
+    """The experiment's id, created (or restored) when needed. In the embedded store its
+    artifact location is ``mlartifacts/<name>``, relative to the root; MLflow itself would
+    store an absolute path, so the row is rewritten right after creation."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        if exp.lifecycle_stage == "deleted" and create:
+        if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    if not create:
-        return None
-    location = (artifact_root(root) / name).as_uri()
     with _init_lock(root):
-        exp = client.get_experiment_by_name(name)  # another process may have made it meanwhile
+        exp = client.get_experiment_by_name(name)     # another process may have made it meanwhile
         if exp is not None:
             return exp.experiment_id
-        return client.create_experiment(name, artifact_location=location)
+        # custom_model_development: the UI opens on the runs table, not the GenAI overview
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        if not _embedded():
+            return client.create_experiment(name, tags=tags)
+        eid = client.create_experiment(name, artifact_location=(root / ARTIFACTS_DIR / name).as_uri(), tags=tags)
+        with contextlib.closing(sqlite3.connect(str(db_path(root)), timeout=30)) as conn, conn:
+            conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                         (f"{ARTIFACTS_DIR}/{name}", int(eid)))
+        return eid
+
+
+@contextlib.contextmanager
+def using_store(root: str | os.PathLike):
+    """MLflow's fluent API (``mlflow.pyfunc.load_model("models:/...")``, ``mlflow.search_runs``)
+    on the store of ``root``, from the root (relative artifact locations resolve from there);
+    the process's tracking URI, ``$MLFLOW_TRACKING_URI`` and working directory are restored
+    afterwards (MLflow's ``set_tracking_uri`` also sets the variable, which child processes
+    would inherit)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(root)
+    with contextlib.chdir(root) if _embedded() else contextlib.nullcontext():
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(before)
 
 
 def _quote(s: str) -> str:
     return "'" + str(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _search(client, exp_id: str, params_hash: str, statuses: Iterable[str] | None):
-    flt = f"tags.params_hash = {_quote(params_hash)}"
-    runs = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+def find_runs(client, exp_id: str, filters: Mapping[str, str]) -> list:
+    """Active runs of the experiment whose tags equal ``filters``, newest first."""
+    flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in filters.items())
+    return client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"],
                               max_results=1000)
-    if statuses is not None:
-        wanted = {s.upper() for s in statuses}
-        runs = [r for r in runs if r.info.status in wanted]
-    return runs
 
 
-def find_run(root: str | os.PathLike, experiment: str, params_hash: str,
-             status: str | Iterable[str] | None = None, timeout: float = 30.0) -> str | None:
-    """Newest run id of ``experiment`` tagged ``params_hash`` (optionally with one of the given
-    MLflow statuses, e.g. ``"FINISHED"``), or ``None``."""
-    client = open_client(root, timeout)
-    try:
-        exp_id = _experiment_id(client, Path(root).resolve(), experiment, create=False)
-        if exp_id is None:
-            return None
-        statuses = [status] if isinstance(status, str) else status
-        runs = _search(client, exp_id, params_hash, statuses)
-    except Exception as e:  # noqa: BLE001
-        raise TrackingError(f"MLflow store {db_path(root)}: searching runs failed: {type(e).__name__}: {e}") from e
-    return runs[0].info.run_id if runs else None
+def _retrying(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, retried after a short sleep (a store briefly locked by another run)."""
+    for sleep in _RETRY_SLEEPS:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            time.sleep(sleep)
+    return fn(*args, **kwargs)
+
+
+def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list:
+    """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(metric_key(k), float(v), ts, int(step or 0)) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def metric_key(name: str) -> str:
+    """``name`` as an MLflow metric / param key (``+complementary`` -> ``plus_complementary``)."""
+    return re.sub(r"[^\w.\- /:]", "_", str(name).replace("+", "plus_"))
 
 
 # ---------------------------------------------------------------- run tracker
-
-def _param_value(v: Any) -> str:
-    s = "" if v is None else str(v)
-    if len(s) > PARAM_VALUE_MAX:
-        log.warning("param value truncated to %d characters", PARAM_VALUE_MAX)
-        s = s[:PARAM_VALUE_MAX]
-    return s
-
-
-def _chunks(seq: list, n: int):
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
-
 
 class RunTracker:
     """One MLflow run of one stage execution::
@@ -255,7 +254,8 @@ class RunTracker:
         with RunTracker(store_root(), experiment_name("synthetic", 1)) as tr:
             tr.start(params_hash(p), "train", flatten(to_dict(p)), params_text, {"stage": "train"})
             ... tr.log_metrics({"loss": 0.5}, step=10) ...
-        # FINISHED on normal exit, FAILED on exception, KILLED on KeyboardInterrupt
+        # FINISHED on normal exit, FAILED on an exception, KILLED on KeyboardInterrupt;
+        # a reopened FINISHED run is left as it was
     """
 
     def __init__(self, root: str | os.PathLike, experiment: str, *, timeout: float = 30.0, strict: bool = False):
@@ -266,139 +266,122 @@ class RunTracker:
         self.client = None
         self.experiment_id: str | None = None
         self.run_id: str | None = None
-        self.resumed = False
+        self.resumed = False        # an interrupted run continued
+        self.reopened = False       # a FINISHED run given more results; its status and times stay
         self.status: str | None = None
         self.failures: list[str] = []
 
-    # -- lifecycle
     def start(self, params_hash: str, run_name: str, params_flat: Mapping[str, Any], params_yaml_text: str,
               tags: Mapping[str, Any] | None = None, resume: bool = True, include_finished: bool = False) -> str:
-        """Open (or resume) the run and return its id; raises :class:`TrackingError` when the
-        store cannot be opened or written (call it before any expensive work).
-
-        ``resume``: reopen the newest run with this ``params_hash`` that is not FINISHED;
-        ``include_finished`` also reopens a FINISHED one (the evaluate stage logging onto its
-        training run). A resumed run keeps its params and tags; only missing ones are added,
-        ``resume_count`` is incremented and a changed commit is recorded as ``git_commit_resumed``.
-        """
+        """Open, resume or reopen the run (module docstring) and return its id; call it before
+        any expensive work (:class:`TrackingError` when the store cannot be used)."""
         if not params_hash:
             raise ValueError("params_hash must be a non-empty string")
-        self.client = open_client(self.root, self.timeout)
-        client = self.client
-        base_tags = {
-            "git_commit": git_commit(self.root),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
-            "params_hash": str(params_hash),
-        }
-        if os.environ.get("DVC_EXP_BASELINE_REV"):
-            base_tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-        all_tags = {**base_tags, **{str(k): str(v) for k, v in (tags or {}).items()}}
-        all_tags["params_hash"] = str(params_hash)
-        all_tags.setdefault("mlflow.source.git.commit", base_tags["git_commit"])
-        params = {str(k): _param_value(v) for k, v in params_flat.items()}
+        self.client = client = open_client(self.root, self.timeout)
+        commit = git_commit(self.root)
+        all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit,
+                    "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
+                    **({"dvc_exp_baseline_rev": os.environ["DVC_EXP_BASELINE_REV"]}
+                       if os.environ.get("DVC_EXP_BASELINE_REV") else {}),
+                    **{str(k): str(v) for k, v in (tags or {}).items()}, "params_hash": str(params_hash)}
+        params = {str(k): "" if v is None else str(v) for k, v in params_flat.items()}
         try:
             from mlflow.entities import Param, RunTag
 
-            self.experiment_id = _experiment_id(client, self.root, self.experiment, create=True)
-            existing = None
+            self.experiment_id = _retrying(experiment_id, client, self.root, self.experiment)
+            found = None
             if resume:
-                runs = _search(client, self.experiment_id, params_hash, None if include_finished else UNFINISHED)
-                existing = runs[0] if runs else None
-            if existing is not None:
-                run_id = existing.info.run_id
-                client.update_run(run_id, status="RUNNING")
-                logged = existing.data.params
-                changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
-                if changed:
-                    log.warning("resumed MLflow run %s keeps its logged values of %s", run_id, ", ".join(changed))
-                missing = [Param(k, v) for k, v in params.items() if k not in logged]
-                for chunk in _chunks(missing, PARAMS_CHUNK):
-                    client.log_batch(run_id, params=chunk)
-                old_tags = existing.data.tags
-                resume_tags = {k: v for k, v in all_tags.items() if k not in old_tags}
-                resume_tags["resume_count"] = str(int(old_tags.get("resume_count", "0") or 0) + 1)
-                if old_tags.get("git_commit", base_tags["git_commit"]) != base_tags["git_commit"]:
-                    resume_tags["git_commit_resumed"] = base_tags["git_commit"]
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in resume_tags.items()])
-                if "params.yaml" not in {f.path for f in client.list_artifacts(run_id)}:
-                    client.log_text(run_id, params_yaml_text, "params.yaml")
-                self.resumed = True
+                runs = _retrying(find_runs, client, self.experiment_id, {"params_hash": params_hash})
+                found = next((r for r in runs if include_finished or r.info.status in UNFINISHED), None)
+            if found is None:
+                run = _retrying(client.create_run, self.experiment_id, tags=all_tags, run_name=run_name)
+                self.run_id, self.status = run.info.run_id, "RUNNING"
+                _retrying(client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items()])
+                self._at_root(client.log_text, self.run_id, params_yaml_text, "params.yaml")
+                return self.run_id
+            self.run_id = found.info.run_id
+            old = found.data
+            changed = sorted(k for k, v in params.items() if k in old.params and old.params[k] != v)
+            if changed:
+                log.warning("MLflow run %s keeps its logged values of %s", self.run_id, ", ".join(changed))
+            new_tags = {k: v for k, v in all_tags.items() if k not in old.tags}
+            if found.info.status == "FINISHED":
+                self.reopened, self.status = True, "FINISHED"
             else:
-                run = client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
-                run_id = run.info.run_id
-                for chunk in _chunks([Param(k, v) for k, v in params.items()], PARAMS_CHUNK):
-                    client.log_batch(run_id, params=chunk)
-                client.log_text(run_id, params_yaml_text, "params.yaml")
-                self.resumed = False
-        except TrackingError:
-            raise
+                self.resumed, self.status = True, "RUNNING"
+                _retrying(client.update_run, self.run_id, status="RUNNING")
+                new_tags["resume_count"] = str(int(old.tags.get("resume_count", "0") or 0) + 1)
+                if old.tags.get("git_commit", commit) != commit:
+                    new_tags["git_commit_resumed"] = commit
+            _retrying(client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items()
+                                                             if k not in old.params],
+                      tags=[RunTag(k, v) for k, v in new_tags.items()])
+            if "params.yaml" not in {f.path for f in self._at_root(client.list_artifacts, self.run_id)}:
+                self._at_root(client.log_text, self.run_id, params_yaml_text, "params.yaml")
         except Exception as e:  # noqa: BLE001
-            raise TrackingError(f"MLflow store {db_path(self.root)}: starting a run in experiment "
+            raise TrackingError(f"MLflow store {_store_name(self.root)}: starting a run in experiment "
                                 f"'{self.experiment}' failed: {type(e).__name__}: {e}") from e
-        self.run_id = run_id
-        self.status = "RUNNING"
-        return run_id
+        return self.run_id
 
-    def _require_run(self) -> None:
+    # -- logging (retried; on failure warned about, or raised when strict)
+    def _at_root(self, fn, *args, retry: bool = True, **kwargs):
+        """Call ``fn`` (retried) from the store root: MLflow resolves the relative artifact
+        locations from the working directory (callers pass absolute local paths)."""
+        with contextlib.chdir(self.root) if _embedded() else contextlib.nullcontext():
+            return _retrying(fn, *args, **kwargs) if retry else fn(*args, **kwargs)
+
+    def _call(self, what: str, fn, *args, retry: bool = True, **kwargs) -> bool:
         if self.run_id is None or self.client is None:
             raise RuntimeError("RunTracker.start() has not been called")
-
-    def _call(self, what: str, fn, *args, **kwargs) -> bool:
-        """Run a store call with retries; on final failure raise (strict) or warn and record."""
-        last = None
-        for sleep in (*_RETRY_SLEEPS, None):
-            try:
-                fn(*args, **kwargs)
-                return True
-            except Exception as e:  # noqa: BLE001
-                last = e
-                if sleep is not None:
-                    time.sleep(sleep)
-        msg = f"MLflow store {db_path(self.root)}: {what} failed for run {self.run_id}: {type(last).__name__}: {last}"
-        if self.strict:
-            raise TrackingError(msg) from last
-        log.warning("%s (continuing; the DVC outputs remain the record)", msg)
-        self.failures.append(msg)
-        return False
+        try:
+            self._at_root(fn, *args, retry=retry, **kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001
+            msg = f"MLflow store {_store_name(self.root)}: {what} failed for run {self.run_id}: {type(e).__name__}: {e}"
+            if self.strict:
+                raise TrackingError(msg) from e
+            log.warning("%s (continuing; the DVC outputs remain the record)", msg)
+            self.failures.append(msg)
+            return False
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log numeric values (``None`` and non-numbers are skipped; NaN is logged as NaN)."""
-        self._require_run()
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = []
-        for k, v in metrics.items():
-            if v is None or isinstance(v, (str, bytes)):
-                continue
-            try:
-                fv = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isinf(fv):
-                continue
-            items.append(Metric(str(k), fv, ts, int(step or 0)))
-        for chunk in _chunks(items, METRICS_CHUNK):
-            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=chunk)
+        """Log the finite numbers of ``metrics`` (None, strings and bools are skipped)."""
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=metric_entities(metrics, step))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file (or every file of a folder) into the run's artifacts."""
-        self._require_run()
-        path = Path(path)
+        path = Path(path).resolve()
         if not path.exists():
             raise FileNotFoundError(f"artifact to log does not exist: {path}")
         fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
         self._call(f"log_artifact({path})", fn, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._require_run()
         from mlflow.entities import RunTag
 
         self._call("set_tags", self.client.log_batch, self.run_id,
                    tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
+    def log_model(self, model_file: str | os.PathLike, example, registered_name: str | None = None) -> None:
+        """Log the trained model file as an MLflow pyfunc model of this run (image in, label map
+        out: :mod:`pipeline.serving`), registered as ``registered_name`` when given."""
+        model_file = Path(model_file).resolve()
+
+        def log_pyfunc():
+            from .serving import log_segmenter
+            with using_store(self.root):
+                log_segmenter(self.client, self.experiment_id, self.run_id, model_file, example, registered_name)
+
+        self._call("log_model", log_pyfunc, retry=False)      # a retry would log a second model
+
+    def runs_url(self) -> str:
+        """The UI page of this run's experiment's runs table (``make ui`` serves the embedded store)."""
+        base = tracking_uri(self.root) if not _embedded() else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run with an MLflow status (FINISHED, FAILED or KILLED); idempotent."""
+        """End the run with an MLflow status (FINISHED, FAILED or KILLED); idempotent, and a no-op
+        on a reopened FINISHED run."""
         status = status.upper()
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
@@ -407,88 +390,15 @@ class RunTracker:
         if self._call(f"finish({status})", self.client.set_terminated, self.run_id, status):
             self.status = status
 
-    # -- context manager
     def __enter__(self) -> "RunTracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.run_id is not None:
+        status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        try:
+            self.finish(status)
+        except TrackingError:
             if exc_type is None:
-                status = "FINISHED"
-            elif issubclass(exc_type, KeyboardInterrupt):
-                status = "KILLED"
-            else:
-                status = "FAILED"
-            try:
-                self.finish(status)
-            except TrackingError:
-                if exc_type is None:
-                    raise
-                log.exception("could not mark MLflow run %s %s", self.run_id, status)
+                raise
+            log.exception("could not mark MLflow run %s %s", self.run_id, status)
         return False
-
-
-def sync_grid(root: str | os.PathLike, experiment: str, grid_id: str, grid_params: Mapping[str, Any],
-              cells: list[dict], params_yaml_text: str, artifacts: Iterable[str | os.PathLike] = ()) -> dict:
-    """One parent run per ablation grid, one child run per cell.
-
-    ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat`` and ``metrics``.
-    Each cell's run is looked up by its params hash (the cell stage's own run, or the main
-    training's for the shared cell); a cell restored by a DVC run-cache hit has none in
-    this store, so it is created here from the cell's saved metrics. Running again finds
-    every run and creates nothing. Returns ``{"parent": run_id, "children": {key: run_id}}``.
-    """
-    parent = RunTracker(root, experiment)
-    parent.start(f"grid-{grid_id}", f"ablation-grid-{grid_id[:8]}", grid_params, params_yaml_text,
-                 tags={"role": "ablation_grid", "grid_id": grid_id}, include_finished=True)
-    children = {}
-    for cell in cells:
-        tr = RunTracker(root, experiment)
-        tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "mlflow.parentRunId": parent.run_id,
-                "grid_id": grid_id}
-        tr.start(cell["params_hash"], f"{cell['variant']}-seed{cell['seed']}-{cell['params_hash'][:8]}",
-                 cell["params_flat"], params_yaml_text, tags={**tags, "stage": "ablate"}, include_finished=True)
-        tr.set_tags(tags)
-        if not tr.resumed:      # created here: a run-cache hit left this cell without a run
-            tr.log_metrics({k: v for k, v in cell["metrics"].items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            tr.set_tags({"restored_from": "dvc_run_cache"})
-        tr.finish("FINISHED")
-        children[f"{cell['variant']}-{cell['seed']}"] = tr.run_id
-    for path in artifacts:
-        parent.log_artifact(path, "report")
-    parent.finish("FINISHED")
-    return {"parent": parent.run_id, "children": children}
-
-
-def search_runs_frame(root: str | os.PathLike, experiment: str, tags: Mapping[str, list[str]] | None = None):
-    """``mlflow.search_runs`` of one experiment as a pandas DataFrame, filtered by tag values
-    (several values of one tag are alternatives)."""
-    import mlflow
-
-    open_client(root)                                    # fails clearly on a missing / locked store
-    mlflow.set_tracking_uri(tracking_uri(root))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        raise TrackingError(f"MLflow store {db_path(root)} has no experiment '{experiment}'")
-    df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
-    for key, values in (tags or {}).items():
-        col = f"tags.{key}"
-        df = df[df[col].isin(values)] if col in df else df.iloc[0:0]
-    return df
-
-
-def runs_table(df, metrics: list[str], group_by: str | None = None):
-    """Run name, variant, seed, status and the chosen metrics; or mean/std/count per ``group_by`` tag."""
-    import pandas as pd
-
-    cols = {"tags.mlflow.runName": "run", "tags.variant": "variant", "tags.seed": "seed", "status": "status",
-            "tags.params_hash": "params_hash"}
-    out = pd.DataFrame({new: df[old] for old, new in cols.items() if old in df})
-    for m in metrics:
-        out[m] = df[f"metrics.{m}"] if f"metrics.{m}" in df else float("nan")
-    if group_by is None or out.empty:
-        return out.reset_index(drop=True)
-    key = {"variant": "variant", "seed": "seed"}.get(group_by, group_by)
-    if key not in out:
-        out[key] = df.get(f"tags.{group_by}")
-    return out.groupby(key)[metrics].agg(["mean", "std", "count"])

@@ -69,8 +69,8 @@ def load_params_raw(path: Path) -> tuple[Params, str, dict]:
 
 
 def _terminate(signum, frame):
-    # SIGTERM (a scheduler's pre-emption) unwinds like Ctrl-C: MLflow runs are closed as
-    # FAILED and no output is half-written (every write is atomic).
+    # SIGTERM (a scheduler's pre-emption) unwinds like Ctrl-C: MLflow runs are marked KILLED
+    # (resumable) and no output is half-written (every write is atomic).
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -104,14 +104,18 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"'{path}' is not valid JSON: {e}") from None
 
 
-def write_eval_outputs(metrics_path: Path, per_class_path: Path, summary: dict, per_class: list[dict]) -> None:
+def write_eval_outputs(metrics_path: Path, per_class_path: Path, summary: dict, per_class: list[dict]) -> dict:
+    """The metrics (``SUMMARY_KEYS`` only: ``dvc metrics show`` lists nothing else) and the
+    per-class table; returns the evaluation's other facts (dataset, split, class and pixel
+    counts) for MLflow tags and cell.json."""
     import pandas as pd
 
-    from pipeline.engine.metrics import metrics_to_json
+    from pipeline.engine.metrics import SUMMARY_KEYS, metrics_to_json
     from pipeline.io import atomic_path, write_json
-    write_json(metrics_path, metrics_to_json(summary))
+    write_json(metrics_path, metrics_to_json({k: summary[k] for k in SUMMARY_KEYS}))
     with atomic_path(per_class_path) as tmp:
         pd.DataFrame(per_class).to_csv(tmp, index=False)
+    return {k: v for k, v in summary.items() if k not in SUMMARY_KEYS}
 
 
 def write_curve(path: Path, history: list[dict]) -> None:
@@ -124,22 +128,36 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 def open_tracker(p: Params, params_text: str, tags: dict, run_name: str, phash: str | None = None,
                  include_finished: bool = False):
-    """Start (or resume, by params hash) this config's MLflow run; fails before any work when the
-    store cannot be opened."""
+    """Start, resume or reopen (by params hash) this config's MLflow run; fails before any work
+    when the store cannot be opened. ``params_text`` is logged as the run's params.yaml."""
     from pipeline import tracking
     from pipeline.config import flatten, params_hash, to_dict
     tracker = tracking.RunTracker(tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split))
-    phash = phash or params_hash(p)
-    tracker.start(phash, run_name, flatten(to_dict(p)), params_text, tags=tags, resume=True,
+    tracker.start(phash or params_hash(p), tracking.run_name(run_name), flatten(to_dict(p)), params_text, tags=tags,
                   include_finished=include_finished)
     return tracker
 
 
-def step_logger(tracker):
-    """``on_log`` callback of the training loop that forwards a step's record to MLflow."""
+def training_callbacks(tracker, cores):
+    """``on_log`` of the training loop: forward a step's record to MLflow and re-share the CPU
+    cores among the trainings running (:class:`pipeline.jobs.CoreShare`)."""
+    def on_log(step, rec):
+        cores.rebalance()
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
+    return on_log
+
+
+def log_trained_model(tracker, model_path: Path, dataset_dir: Path, index: dict, cores, register: bool) -> None:
+    """The trained model as an MLflow model of the run (input example: the first test image,
+    cropped to 64 px), registered under the experiment's name when ``register``; and the torch
+    threads the training used."""
     if tracker is None:
-        return None
-    return lambda step, rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
+        return
+    from pipeline.data.dataset import read_image
+    example = read_image(dataset_dir / index["test"][0]["image"])[:64, :64]
+    tracker.set_tags({"torch_threads": ",".join(map(str, cores.used)) or "default"})
+    tracker.log_model(model_path, example, tracker.experiment if register else None)
 
 
 def add_init(ap: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: semantic inference on the test split; confusion-matrix metrics
 (mIoU, base / novel mIoU, hIoU, pixel accuracy, ...) to reports/metrics.json, per-class IoU
-to a CSV, and the metrics logged to the training run in MLflow."""
+to a CSV, and the metrics logged to the training run in MLflow (reopened: its status, times
+and resume count stay as training left them; the class and pixel counts become tags)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +20,9 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline.config import params_hash
     from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.device import resolve_device
+    from pipeline.engine.metrics import SUMMARY_KEYS
     from pipeline.io import atomic_path
 
     device = resolve_device(p.eval.device)
@@ -29,21 +30,18 @@ def main() -> None:
     index = read_json(args.split_dir / "index.json")
     summary, per_class, conf = evaluate_model(model, args.dataset_dir, index, split, p, device,
                                               progress=not args.no_progress)
-    write_eval_outputs(args.metrics, args.per_class, summary, per_class)
+    facts = write_eval_outputs(args.metrics, args.per_class, summary, per_class)
     with atomic_path(args.confusion) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, conf)
     if not args.no_mlflow:
         # Logs onto the training run (found by params hash); after a DVC run-cache hit there is
         # none in this store, so one is created with the same params and tags.
-        phash = params_hash(trained_p)
-        tracker = open_tracker(trained_p, params_text, {"stage": "evaluate"},
-                               f"{trained_p.data.dataset}-split{trained_p.data.split}-{phash[:8]}",
-                               include_finished=True)
-        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        for path in (args.metrics, args.per_class):
-            tracker.log_artifact(path, "eval")
-        tracker.finish("FINISHED")
+        with open_tracker(trained_p, params_text, {"stage": "evaluate"}, "train", include_finished=True) as tracker:
+            tracker.log_metrics({k: summary[k] for k in SUMMARY_KEYS})
+            tracker.set_tags({f"eval.{k}": v for k, v in facts.items()})
+            for path in (args.metrics, args.per_class):
+                tracker.log_artifact(path, "eval")
     print("  ".join(f"{k} {summary[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc")))
 
 

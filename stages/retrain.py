@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from stages._common import (add_init, add_inputs, load_init, load_params, open_tracker, parser, read_json, run, step_logger,
-                            write_curve)
+from stages._common import (add_init, add_inputs, load_init, load_params, log_trained_model, open_tracker, parser,
+                            read_json, run, training_callbacks, write_curve)
 
 
 def main() -> None:
@@ -20,17 +20,19 @@ def main() -> None:
     args = ap.parse_args()
     p, params_text = load_params(args.params)
 
-    from pipeline.engine.metrics import metrics_to_json
+    from pipeline.engine.metrics import SUMMARY_KEYS, metrics_to_json
     from pipeline.io import write_json
-    if not p.pseudo.enabled:
+    if not p.pseudo.enabled:       # no metrics at all: `dvc metrics show` lists only numbers that are metrics
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.metrics, {"enabled": False})
+        write_json(args.metrics, {})
         print("pseudo-label retraining is off (pseudo.enabled: false)")
         return
 
     from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.pseudo import label_training_set, retrain_hash, retrain_params
     from pipeline.engine.train import export_model, resolve_device, train
+    from pipeline.jobs import CoreShare
+    from pipeline.tracking import params_file_text
 
     split = read_json(args.split_dir / "split.json")
     index = read_json(args.split_dir / "index.json")
@@ -44,24 +46,26 @@ def main() -> None:
     rp = retrain_params(p)
     phash = retrain_hash(p)
     tracker = None if args.no_mlflow else open_tracker(
-        rp, params_text, {"stage": "retrain", "pseudo_labels": "true"},
-        f"{p.data.dataset}-split{p.data.split}-retrain-{phash[:8]}", phash=phash)
+        rp, params_file_text(rp, "the pseudo-label retraining"), {"stage": "retrain", "pseudo_labels": "true"},
+        "retrain", phash=phash)
     # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
-    with tracker or contextlib.nullcontext():
-        if tracker:
-            tracker.log_metrics({f"pseudo_{k}": v for k, v in stats.items()})
+    with tracker or contextlib.nullcontext(), CoreShare(rp.train.threads) as cores:
+        if tracker:     # counts are tags; the share of correct novel pixels is a metric
+            tracker.set_tags({f"pseudo.{k}": v for k, v in stats.items() if k != "novel_precision"})
+            tracker.log_metrics({"pseudo_novel_precision": stats["novel_precision"]})
         model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
-                           on_log=step_logger(tracker), label_root=labels, progress=not args.no_progress,
+                           on_log=training_callbacks(tracker, cores), label_root=labels, progress=not args.no_progress,
                            init=load_init(args.init, rp))
         export_model(model, rp, split, args.out / "model.pt", out.history)
         write_curve(args.out / "curve.csv", out.history)
         metrics, _, _ = evaluate_model(model.eval(), args.dataset_dir, index, split, p, device,
                                        progress=not args.no_progress)
-        write_json(args.metrics, metrics_to_json({"enabled": True, **metrics,
-                                                  "pseudo_novel_precision": stats["novel_precision"]}))
+        # nested, so that DVC names its columns retrain.mIoU, ... apart from the main model's mIoU, ...
+        write_json(args.metrics, metrics_to_json({"retrain": {**{k: metrics[k] for k in SUMMARY_KEYS},
+                                                              "pseudo_novel_precision": stats["novel_precision"]}}))
         if tracker:
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            tracker.log_artifact(args.out / "model.pt", "model")
+            tracker.log_metrics({k: metrics[k] for k in SUMMARY_KEYS})
+        log_trained_model(tracker, args.out / "model.pt", args.dataset_dir, index, cores, register=False)
     print("retrained: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")))
 
 

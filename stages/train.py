@@ -2,8 +2,10 @@
 
 Runs on CUDA when present (train.device: auto), else on CPU. Resumes from --checkpoint
 when it holds a checkpoint of the same params. Logs params, the whole params file,
-per-step losses and the trained model to MLflow (SQLite store at the repository root,
-found through $DVC_ROOT under `dvc exp run`).
+per-step losses and the trained model (an MLflow model, registered as
+simformer-<dataset>-split<k>) to MLflow: $MLFLOW_TRACKING_URI when set, else the SQLite
+store at the repository root (found through $DVC_ROOT under `dvc exp run`). With
+train.threads 0 the CPU cores are shared among the trainings running on the machine.
 
 Multi-GPU / multi-node: with train.nproc_per_node x train.nnodes > 1 the stage re-launches
 itself under torchrun (DistributedDataParallel, train.batch_size is the global batch); rank 0
@@ -17,8 +19,8 @@ import sys
 import contextlib
 from pathlib import Path
 
-from stages._common import (add_init, add_inputs, diagnostics_hook, load_init, load_params, open_tracker, parser, read_json, run, step_logger,
-                            write_curve)
+from stages._common import (add_init, add_inputs, diagnostics_hook, load_init, load_params, log_trained_model,
+                            open_tracker, parser, read_json, run, training_callbacks, write_curve)
 
 
 def main() -> None:
@@ -28,7 +30,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV to write")
-    ap.add_argument("--run-name", default=None, help="MLflow run name (default: dataset-split-hash)")
+    ap.add_argument("--run-name", default=None, help="MLflow run name (default: train, @ the DVC experiment's name)")
     args = ap.parse_args()
     p, params_text = load_params(args.params)
     split = read_json(args.split_dir / "split.json")
@@ -38,25 +40,23 @@ def main() -> None:
     if p.train.nproc_per_node * p.train.nnodes > 1 and not D.under_torchrun():
         sys.exit(relaunch(torchrun_argv(p, sys.argv[1:])))
 
-    from pipeline.config import params_hash
     from pipeline.engine.train import export_model, train
+    from pipeline.jobs import CoreShare
 
     dist = D.init_distributed(p.train.dist_backend, p.train.device) if D.under_torchrun() else D.DistInfo()
     try:
-        run_name = args.run_name or f"{p.data.dataset}-split{p.data.split}-{params_hash(p)[:8]}"
         # rank 0 alone logs and writes files; the other ranks only train
         tracker = None if args.no_mlflow or not dist.is_main else open_tracker(p, params_text, {"stage": "train"},
-                                                                               run_name)
+                                                                               args.run_name or "train")
         # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
-        with tracker or contextlib.nullcontext():
-            model, out = train(p, args.dataset_dir, split, index, args.checkpoint, on_log=step_logger(tracker),
-                               progress=not args.no_progress, init=load_init(args.init, p),
-                               diagnostics=diagnostics_hook(p, split))
+        with tracker or contextlib.nullcontext(), CoreShare(p.train.threads) as cores:
+            model, out = train(p, args.dataset_dir, split, index, args.checkpoint,
+                               on_log=training_callbacks(tracker, cores), progress=not args.no_progress,
+                               init=load_init(args.init, p), diagnostics=diagnostics_hook(p, split))
             if dist.is_main:
                 export_model(model, p, split, args.model, out.history)
                 write_curve(args.curve, out.history)
-            if tracker:
-                tracker.log_artifact(args.model, "model")
+            log_trained_model(tracker, args.model, args.dataset_dir, index, cores, register=True)
     finally:
         D.cleanup()
     if dist.is_main:
@@ -64,6 +64,8 @@ def main() -> None:
         print(f"trained {out.steps} steps (resumed from {out.resumed_from}) in {out.seconds:.0f}s"
               + (f" on {dist.world_size} processes" if dist.distributed else "")
               + f"; final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
+        if tracker:
+            print(f"MLflow run {tracker.run_id}: {tracker.runs_url()}")
 
 
 def params_help(argv: list[str] | None = None) -> str:

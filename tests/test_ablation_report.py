@@ -10,7 +10,10 @@ import pytest
 from pipeline.report.ablation import (
     AblationError,
     ablation_markdown,
+    ablation_notes,
+    ablation_summary,
     ablation_table,
+    grid_cells,
     load_cells,
     novel_class_iou,
     novel_class_markdown,
@@ -45,10 +48,11 @@ def _write_cell(root, variant, seed, summary, novel, dataset="synthetic"):
     d = root / f"{variant}-{seed}"
     d.mkdir(parents=True)
     (d / "cell.json").write_text(json.dumps({"variant": variant, "seed": seed, "params_hash": f"h{seed}",
-                                             "shared_with_main": False}))
+                                             "shared_with_main": False, "dataset": dataset, "split": 1,
+                                             "iterations": 50}))
     b, n, m, h = summary
     (d / "metrics.json").write_text(json.dumps({
-        "dataset": dataset, "split": 1, "mIoU": m, "mIoU_base": b, "mIoU_novel": n, "hIoU": h,
+        "mIoU": m, "mIoU_base": b, "mIoU_novel": n, "hIoU": h,
         "pAcc": 80.0, "mAcc": 60.0, "fwIoU": 70.0}))
     cat, dog = novel
     pd.DataFrame([
@@ -83,13 +87,13 @@ def test_load_cells_rows(cells):
     assert sorted(zip(df["variant"], df["seed"])) == sorted(SUMMARY)
     r = df.set_index(["variant", "seed"]).loc[("+complementary", 7)]
     assert (r["mIoU_base"], r["mIoU_novel"], r["mIoU"], r["hIoU"]) == SUMMARY[("+complementary", 7)]
-    assert r["dataset"] == "synthetic" and r["params_hash"] == "h7"
+    assert r["dataset"] == "synthetic" and r["params_hash"] == "h7" and r["iterations"] == 50
 
 
 def test_ablation_markdown_exact_numbers(cells):
     table = ablation_table(load_cells(cells), VARIANTS)
     assert table["variant"].tolist() == VARIANTS
-    md = ablation_markdown(table, "Ablation", dataset="synthetic")
+    md = ablation_markdown(table, dataset="synthetic")
     rows = _rows(md)
     assert rows[0] == ("| variant | seeds | mIoU base | Δ | mIoU novel | Δ | mIoU | Δ | hIoU | Δ |")
     # Hand computation (sample std of two values a, b = |a - b| / sqrt(2)):
@@ -101,8 +105,10 @@ def test_ablation_markdown_exact_numbers(cells):
     assert rows[3] == "| full | 6, 7 | 46.5 ± 2.1 | +5.5 | 23.0 ± 4.2 | +11.0 | 39.0 ± 1.4 | +7.5 | 30.0 ± 4.2 | +11.5 |"
     # +complementary base 39, 40 -> 39.5 ± 0.707 (Δ -1.5); novel 15, 16.2 -> 15.6 ± 0.849 (Δ +3.6);
     #      mIoU 30, 31 -> 30.5 ± 0.707 (Δ -1.0); hIoU 21, 23 -> 22.0 ± 1.414 (Δ +3.5)
-    assert rows[4] == ("| +complementary | 6, 7 | 39.5 ± 0.7 | -1.5 | 15.6 ± 0.8 | +3.6 | 30.5 ± 0.7 | -1.0 "
-                       "| 22.0 ± 1.4 | +3.5 |")
+    # inside the seed spread (|Δ| <= the larger std of the row and the baseline), marked †:
+    #      mIoU |-1.0| <= max(0.707, 2.121); hIoU 3.5 <= max(1.414, 3.536); base 1.5 > max(0.707, 1.414)
+    assert rows[4] == ("| +complementary | 6, 7 | 39.5 ± 0.7 | -1.5 | 15.6 ± 0.8 | +3.6 | 30.5 ± 0.7 | -1.0† "
+                       "| 22.0 ± 1.4 | +3.5† |")
     assert len(rows) == 5
     assert "Seeds used: 6, 7 (2 per variant)" in md
     assert "Reference bound" not in md and "44.5" not in md
@@ -121,7 +127,7 @@ def test_single_seed_and_null_metric(cells, tmp_path):
     m["mIoU_novel"] = None
     (cells / "+complementary-7" / "metrics.json").write_text(json.dumps(m))
     table = ablation_table(load_cells(cells), VARIANTS)
-    rows = _rows(ablation_markdown(table, "Ablation"))
+    rows = _rows(ablation_markdown(table))
     # full: one seed (45, 20, 38, 27) -> no std; Δ 45 - 41 = +4.0, 20 - 12 = +8.0, 38 - 31.5 = +6.5, 27 - 18.5 = +8.5
     assert rows[3] == "| full | 6 | 45.0 ± n/a | +4.0 | 20.0 ± n/a | +8.0 | 38.0 ± n/a | +6.5 | 27.0 ± n/a | +8.5 |"
     # +complementary novel: seed 7 is null -> mean of seed 6 alone, 15.0, Δ +3.0
@@ -131,23 +137,69 @@ def test_single_seed_and_null_metric(cells, tmp_path):
 
 def test_no_baseline_gives_na_differences(cells):
     table = ablation_table(load_cells(cells), ["full"], baseline="missing")
-    row = _rows(ablation_markdown(table, "Ablation"))[2]
+    row = _rows(ablation_markdown(table))[2]
     assert row == "| full | 6, 7 | 46.5 ± 2.1 | n/a | 23.0 ± 4.2 | n/a | 39.0 ± 1.4 | n/a | 30.0 ± 4.2 | n/a |"
     # baseline taken from the cells even when it is not a listed variant
     table = ablation_table(load_cells(cells), ["full"])
-    assert _rows(ablation_markdown(table, "Ablation"))[2].split(" | ")[3] == "+5.5"
+    assert _rows(ablation_markdown(table))[2].split(" | ")[3] == "+5.5"
 
 
 @pytest.mark.parametrize("dataset,bound", [("ade20k", "44.5"), ("coco_stuff_10k", "37.1")])
 def test_reference_bound_marked_as_published(cells, dataset, bound):
     table = ablation_table(load_cells(cells), VARIANTS)
-    md = ablation_markdown(table, "Ablation", dataset=dataset)
+    md = ablation_markdown(table, dataset=dataset)
     head, ref = md.split("### Reference bound (published, not a project result)")
     assert bound not in head                      # never inside the project's own rows
     ref_rows = _rows(ref)
     assert ref_rows[2] == (f"| MaskFormer R50, fully supervised (published reference) | — | — | — | — | — "
                            f"| {bound} | — | — | — |")
     assert "not run by this pipeline" in ref
+
+
+def test_notes_say_what_the_numbers_are_worth(cells):
+    table = ablation_table(load_cells(cells), VARIANTS)
+    notes = ablation_notes(table, cell_iterations=50, main_iterations=600)
+    assert len(notes) == 2
+    assert notes[0].startswith("**A quick look, not a result.** Each grid cell trained 50 iterations, the main "
+                               "model 600")
+    # 8 differences (2 variants x 4 metrics); inside the spread: +complementary mIoU and hIoU
+    assert notes[1].startswith("**2 of 8 differences are inside the seed spread** (marked †")
+    assert ablation_notes(table, 600, 600) == notes[1:]                 # cells as long as the main model
+    md = ablation_markdown(table, notes=notes)
+    assert md.startswith("> **A quick look, not a result.**") and "\n\n> **2 of 8 differences" in md
+    one_seed = ablation_table(load_cells(cells).query("seed == 6"), VARIANTS)
+    assert [n[:13] for n in ablation_notes(one_seed)] == ["**One seed** "]
+    page = render_html("t", [("Ablation", md)])
+    assert page.count("<blockquote>") == 2 and "<strong>A quick look, not a result.</strong>" in page
+
+
+def test_summary_is_the_dvc_metrics_file(cells):
+    summary = ablation_summary(ablation_table(load_cells(cells), VARIANTS))
+    assert list(summary) == VARIANTS
+    assert summary["full"]["mIoU_novel"] == {"mean": 23.0, "std": round(6 / math.sqrt(2), 4), "n": 2}
+    assert summary["+complementary"]["mIoU_base"] == {"mean": 39.5, "std": round(1 / math.sqrt(2), 4), "n": 2}
+    one = ablation_summary(ablation_table(load_cells(cells).query("seed == 6"), ["full"]))
+    assert one == {"full": {"mIoU_base": {"mean": 45.0, "std": None, "n": 1},
+                            "mIoU_novel": {"mean": 20.0, "std": None, "n": 1},
+                            "mIoU": {"mean": 38.0, "std": None, "n": 1}, "hIoU": {"mean": 27.0, "std": None, "n": 1}}}
+    json.dumps(one, allow_nan=False)                                    # strict JSON
+
+
+def test_grid_cells_keeps_the_grid_and_names_missing_cells(cells):
+    df = grid_cells(cells, [("full", 7), ("baseline", 6)])
+    assert list(zip(df["variant"], df["seed"])) == [("full", 7), ("baseline", 6)]
+    with pytest.raises(FileNotFoundError, match=r"missing from '.*': full-9, oracle-6 \(run `dvc repro`"):
+        grid_cells(cells, [("full", 9), ("full", 6), ("oracle", 6)])
+
+
+def test_centred_smoothing_and_autoscaled_axes():
+    from pipeline.report.figures import _axis_max, _smooth, smoothing_label
+
+    s = _smooth(pd.Series([0.0, 3.0, 6.0, 9.0, 12.0]), 3)
+    assert s.tolist() == [1.5, 3.0, 6.0, 9.0, 10.5]          # centred: the mean of the point and its neighbours
+    assert smoothing_label([10, 20, 30, 40], 10) == "centred moving average over 10 logged points (100 steps)"
+    assert _axis_max([3.0, 12.0, float("nan")]) == pytest.approx(13.2)
+    assert _axis_max([95.0]) == 100.0 and _axis_max([float("nan")]) == 1.0
 
 
 def test_unknown_variant_is_an_error(cells):
@@ -203,7 +255,7 @@ def test_figures_and_html(cells, tmp_path):
         assert w > 100 and h > 100
     assert not [p.name for p in (tmp_path / "fig").iterdir() if p.name.startswith(".")]  # no temp left
 
-    md = ablation_markdown(ablation_table(load_cells(cells), VARIANTS), "Ablation", dataset="ade20k")
+    md = ablation_markdown(ablation_table(load_cells(cells), VARIANTS), dataset="ade20k")
     page = render_html("SimFormer <ablation>", [("Ablation", md), ("Novel classes", novel_class_markdown(novel)
                                                                    + "\n![Novel-class IoU](fig/novel.png)\n")],
                        {"Novel-class IoU": bars, "Loss curves": curves})

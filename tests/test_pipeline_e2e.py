@@ -66,6 +66,7 @@ def project_env() -> dict:
     env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@localhost", "OMP_NUM_THREADS": "1"})
     env.pop("DVC_ROOT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
@@ -137,8 +138,8 @@ def test_repro_writes_every_output(project: Path):
     for png in ("train_curve.png", "per_class_iou.png"):
         assert (project / "reports" / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "data" / "train" / "model.pt").stat().st_size > 0
-    retrain = json.loads((project / "reports" / "retrain_metrics.json").read_text())
-    assert retrain["enabled"] is True and 0.0 <= retrain["pseudo_novel_precision"] <= 100.0
+    retrain = json.loads((project / "reports" / "retrain_metrics.json").read_text())["retrain"]
+    assert 0.0 <= retrain["pseudo_novel_precision"] <= 100.0 and "mIoU_novel" in retrain
     labels = sorted((project / "data" / "retrain" / "labels" / "annotations_detectron2" / "train").glob("*.png"))
     assert len(labels) == 16
     assert "## Pseudo-label retraining" in report
@@ -152,6 +153,35 @@ def test_repro_writes_every_output(project: Path):
     assert "baseline" in ablation and "full" in ablation and " ± " in ablation
     html = (project / "reports" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
+    assert html.count("<h1>") == 1 and report.count("\n# ") + report.startswith("# ") == 1      # one title
+    grid = json.loads((project / "reports" / "ablation.json").read_text())
+    assert sorted(grid) == ["baseline", "full"]
+    full = [json.loads((project / "data" / "ablation" / f"full-{s}" / "metrics.json").read_text())["mIoU_novel"]
+            for s in (3, 4)]
+    assert grid["full"]["mIoU_novel"]["n"] == 2
+    assert grid["full"]["mIoU_novel"]["mean"] == pytest.approx(sum(full) / 2, abs=1e-4)
+
+
+def test_dvc_metrics_are_only_metrics(project: Path):
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    metrics = files["reports/metrics.json"]["data"]
+    assert sorted(metrics) == sorted(("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc", "mAcc", "fwIoU"))
+    retrain = files["reports/retrain_metrics.json"]["data"]["retrain"]
+    assert sorted(retrain) == sorted(list(metrics) + ["pseudo_novel_precision"])
+    grid = files["reports/ablation.json"]["data"]
+    assert sorted(grid["baseline"]) == ["hIoU", "mIoU", "mIoU_base", "mIoU_novel"]
+    assert sorted(grid["baseline"]["mIoU"]) == ["mean", "n", "std"]
+
+
+def run_info(project: Path) -> dict[str, tuple]:
+    """run id -> (status, start_time, end_time, name)."""
+    con = sqlite3.connect(project / "mlflow.db")
+    try:
+        return {r[0]: r[1:] for r in con.execute("select run_uuid, status, start_time, end_time, name from runs "
+                                                 "where lifecycle_stage = 'active'")}
+    finally:
+        con.close()
 
 
 def test_mlflow_runs_parent_and_children(project: Path):
@@ -170,15 +200,77 @@ def test_mlflow_runs_parent_and_children(project: Path):
     assert children["full-3"] == main_run
     keys = metric_keys(project, main_run)
     assert {"loss", "loss_ce", "loss_sim", "loss_pp", "loss_comp", "mIoU", "mIoU_novel", "hIoU"} <= keys
+    assert not keys & {"split", "num_classes", "num_valid_classes", "pixels"}     # counts are tags
+    assert tags[main_run]["eval.pixels"] == str(4 * 64 * 64)
     con = sqlite3.connect(project / "mlflow.db")
     params = dict(con.execute("select key, value from params where run_uuid = ?", (main_run,)).fetchall())
-    status = dict(con.execute("select run_uuid, status from runs").fetchall())
+    locations = [r[0] for r in con.execute("select artifact_location from experiments where name like 'simformer%'")]
     con.close()
-    assert all(status[r] == "FINISHED" for r in tags)
+    info = run_info(project)
+    assert all(info[r][0] == "FINISHED" for r in tags)
+    assert not [r for r, t in tags.items() if "resume_count" in t]                  # nothing was interrupted
+    # evaluate, the shared cell and the report reopened the training run: it still ends when training did
+    assert info[main_run][2] < info[parent][1]
+    assert {info[r][3] for r in tags} == {"train", "retrain", "ablation-grid", "baseline-seed3", "baseline-seed4",
+                                          "full-seed4"}
     assert params["loss.pp_weight"] == "0.3" and params["train.iterations"] == "4"
     assert len(tags[main_run]["git_commit"]) == 40 and len(tags[main_run]["params_hash"]) == 16
+    assert locations == ["mlartifacts/simformer-synthetic-split1"]                 # relative to the repository
     names = {a.name for a in (project / "mlartifacts").rglob("*")}
-    assert {"model.pt", "params.yaml", "metrics.json", "report.html", "ablation.md"} <= names
+    assert {"model.pt", "MLmodel", "params.yaml", "metrics.json", "report.html", "ablation.md", "ablation.json"} <= names
+    # the parent carries the grid's results; each cell its own effective params
+    parent_metrics = metric_keys(project, parent)
+    assert {"baseline.mIoU_novel.mean", "baseline.mIoU_novel.std", "full.hIoU.mean"} <= parent_metrics
+    cell = yaml.safe_load((project / "mlartifacts" / "simformer-synthetic-split1" / children["baseline-4"]
+                           / "artifacts" / "params.yaml").read_text())
+    assert (cell["base"]["seed"], cell["loss"]["comp_weight"], cell["train"]["iterations"]) == (4, 0.0, 4)
+    assert "ablation" not in cell
+
+
+def test_registered_model_predicts_on_an_image(project: Path):
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline.data.dataset import read_image
+    from pipeline.engine.evaluate import load_trained, predict
+    from pipeline.tracking import using_store
+    with using_store(project):
+        client = mlflow.MlflowClient()
+        (version,) = client.search_model_versions("name = 'simformer-synthetic-split1'")
+        model = mlflow.pyfunc.load_model("models:/simformer-synthetic-split1/1")
+        local = mlflow.artifacts.download_artifacts("models:/simformer-synthetic-split1/1")
+    assert version.run_id == next(r for r, t in run_tags(project).items() if t.get("stage") == "train")
+    assert str(model.metadata.get_input_schema()) == "[Tensor('uint8', (-1, -1, 3))]"
+    index = json.loads((project / "data" / "split" / "index.json").read_text())
+    image = read_image(project / "data" / "dataset" / index["test"][0]["image"])
+    labels = model.predict(image)
+    assert labels.shape == image.shape[:2] and labels.dtype == np.int64
+    net, _, _ = load_trained(project / "data" / "train" / "model.pt", torch.device("cpu"))
+    expected = predict(net, torch.from_numpy(image).permute(2, 0, 1), image.shape[:2]).argmax(0).numpy()
+    assert np.array_equal(labels, expected)
+    assert (Path(local) / "artifacts" / "model.pt").read_bytes() == (project / "data/train/model.pt").read_bytes()
+
+
+def test_copied_repository_keeps_its_artifacts(project: Path, tmp_path):
+    import mlflow
+    import numpy as np
+
+    from pipeline.tracking import using_store
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    away = project.with_name(project.name + "-away")
+    project.rename(away)                                  # the original folder is gone while the copy is read
+    try:
+        parent = next(r for r, t in run_tags(copy).items() if t.get("role") == "ablation_grid")
+        with using_store(copy):
+            got = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="report/ablation.md",
+                                                      dst_path=str(tmp_path / "dl"))
+            model = mlflow.pyfunc.load_model("models:/simformer-synthetic-split1/1")
+        assert Path(got).read_text() == (copy / "reports" / "ablation.md").read_text()
+        assert model.predict(np.zeros((32, 48, 3), np.uint8)).shape == (32, 48)
+    finally:
+        away.rename(project)
 
 
 def test_run_cache_hit_leaves_no_cell_missing_and_no_duplicate(project: Path):
@@ -217,7 +309,13 @@ def test_compare_prints_runs_filtered_by_tags(project: Path):
     assert cells["full"]["mIoU"] is not None
 
 
-def test_exp_run_reruns_only_loss_readers(project: Path):
+def test_exp_run_reruns_only_loss_readers_and_keeps_the_first_grid(project: Path):
+    """Regression: a second grid (one loss weight changed) used to move the unchanged cells'
+    runs to itself; now both parents keep all their children."""
+    tags = run_tags(project)
+    (first,) = [r for r, t in tags.items() if t.get("role") == "ablation_grid"]
+    before = {r: t["mlflow.parentRunId"] for r, t in tags.items() if "mlflow.parentRunId" in t}
+    assert len(before) == 4
     r = dvc(project, "exp", "run", "-S", "loss.pp_weight=0.5")
     out = r.stdout + r.stderr
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'report'" in out
@@ -226,8 +324,68 @@ def test_exp_run_reruns_only_loss_readers(project: Path):
     tags = run_tags(project)
     parents = [r for r, t in tags.items() if t.get("role") == "ablation_grid"]
     assert len(parents) == 2                                         # one per grid
-    # baseline cells have pp_weight 0 either way: same params hash, same runs, no duplicates
-    assert len([r for r, t in tags.items() if t.get("variant") == "baseline"]) == 2
+    (second,) = set(parents) - {first}
+    assert {r: tags[r]["mlflow.parentRunId"] for r in before} == before     # nothing moved
+    kids = {p: {f"{t['variant']}-{t['seed']}": r for r, t in tags.items() if t.get("mlflow.parentRunId") == p}
+            for p in (first, second)}
+    assert sorted(kids[first]) == sorted(kids[second]) == ["baseline-3", "baseline-4", "full-3", "full-4"]
+    # baseline cells have pp_weight 0 either way: same params hash, trained once; the second grid links to them
+    for key in ("baseline-3", "baseline-4"):
+        link = tags[kids[second][key]]
+        assert link["role"] == "cell_link" and link["linked_run_id"] == kids[first][key]
+    assert len([r for r, t in tags.items() if t.get("variant") == "baseline" and "params_hash" in t]) == 2
+    assert tags[kids[second]["full-3"]]["stage"] == "train" and tags[kids[second]["full-3"]]["dvc_exp_name"] != "workspace"
+    report = (project / "reports" / "report.md").read_text()
+    assert "`loss.pp_weight` 0.5 (committed 0.3)" in report
+
+
+def test_two_queued_experiments_run_side_by_side(project: Path):
+    """`dvc queue start -j 2`: both finish, each with its own MLflow run, no SQLite lock error,
+    and each training takes its share of the cores (train.threads 0)."""
+    import re
+    import time
+    before = set(run_tags(project))
+    for w in ("0.1", "0.2"):
+        dvc(project, "exp", "run", "--queue", "-S", f"loss.pp_weight={w}", "-S", "train.threads=0")
+    dvc(project, "queue", "start", "-j", "2")
+    deadline = time.time() + 1800
+    while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
+        assert time.time() < deadline, status
+        time.sleep(5)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "stop"], cwd=project, env=project_env(),
+                   capture_output=True, timeout=120)
+    names = re.findall(r"^\S+\s+(\S+)\s.*\bSuccess\b", status, re.M)
+    assert len(names) == 2, status
+    for name in names:
+        log = dvc(project, "queue", "logs", name).stdout
+        assert "locked" not in log and "continuing; the DVC outputs remain the record" not in log, log
+    tags = run_tags(project)
+    info = run_info(project)
+    con = sqlite3.connect(project / "mlflow.db")
+    pp = dict(con.execute("select run_uuid, value from params where key = 'loss.pp_weight'").fetchall())
+    con.close()
+    trains = {pp[r]: r for r in set(tags) - before if tags[r].get("stage") == "train"}
+    assert sorted(trains) == ["0.1", "0.2"]
+    assert sorted(tags[r]["dvc_exp_name"] for r in trains.values()) == sorted(names)
+    assert all(info[r][0] == "FINISHED" and tags[r]["torch_threads"] for r in trains.values())
+    (s1, e1), (s2, e2) = (info[r][1:3] for r in trains.values())
+    assert s1 < e2 and s2 < e1                                          # they trained at the same time
+
+
+def test_readme_exp_show_line_fits_a_terminal(project: Path):
+    import re
+    import shlex
+    readme = (ROOT / "README.md").read_text()
+    (line,) = re.findall(r"^(dvc exp show --drop .*?)\s*(?:#.*)?$", readme, re.M)
+    env = {**project_env(), "COLUMNS": "120"}
+    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), *shlex.split(line)[1:], "--no-pager"], cwd=project,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = next(ln for ln in lines if "Experiment" in ln)
+    assert "…" not in r.stdout and max(map(len, lines)) <= 120, r.stdout
+    for col in ("mIoU_novel", "loss.pp_weight", "baseline.mIoU_novel.mean", "full.mIoU_novel.mean"):
+        assert col in header, r.stdout
 
 
 def test_bad_params_fail_before_work(tmp_path: Path):

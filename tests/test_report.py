@@ -1,4 +1,4 @@
-"""Report tables, figures and report.md from a fixed small metrics dict."""
+"""Report tables, figures and report.md / report.html from a fixed small metrics dict."""
 import math
 
 import numpy as np
@@ -6,12 +6,13 @@ import pandas as pd
 import pytest
 
 from pipeline.report import (
+    Inputs,
     metrics_table_markdown,
     per_class_table_markdown,
     plot_per_class_iou,
     plot_training_curve,
-    render_report,
     sort_per_class,
+    write_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,26 +52,42 @@ def test_per_class_sorted_by_split_then_iou():
     assert "| 0 | sky | base | 60.0 | 75.0 | 4,000 | 4,000 |" in md
 
 
-def test_render_report_sections(tmp_path):
-    figs = {"Training curve": "train_curve.png", "Per-class IoU": "per_class_iou.png"}
-    md = render_report("SimFormer test", METRICS, _per_class_df(), figs, {"dataset": "synthetic", "split": 1,
-                                                                           "params_hash": "abc123"})
-    assert md.startswith("# SimFormer test\n")
+def _inputs(tmp_path, dataset="synthetic", **kw):
+    curve = pd.DataFrame({"step": [10, 20, 30], "loss": [3.0, 2.0, 1.5], "loss_ce": [1.0, 0.8, 0.7],
+                          "lr": 1e-4, "images_per_s": 9.0})
+    run = {"commit": "0123abc", "experiment": "bushy-pugs", "date": "2026-01-02 03:04 UTC", "iterations": 600,
+           "seed": 6, "changed": {"loss.pp_weight": (0.5, 0.3)}}
+    return Inputs(title="SimFormer test", dataset=dataset, split=1, metrics=METRICS, per_class=_per_class_df(),
+                  curve=curve, report_dir=tmp_path, figures_dir=tmp_path / "figures", **{"run": run, **kw})
+
+
+def test_report_sections_and_single_title(tmp_path):
+    parts = write_report(_inputs(tmp_path), tmp_path / "report.md", tmp_path / "report.html")
+    assert [s.heading for s in parts] == ["Run", "Metrics", "Split", "Per-class IoU", "Training curve"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# SimFormer test\n") and md.count("# SimFormer test") == 1
+    assert "- commit: `0123abc`; DVC experiment: `bushy-pugs`" in md
+    assert "- date: 2026-01-02 03:04 UTC" in md and "- main model: 600 iterations, seed 6" in md
+    assert "- params changed from the committed params.yaml: `loss.pp_weight` 0.5 (committed 0.3)" in md
+    assert "bit-identical" in md and "another CPU" in md
     assert "| 55.6 | 50.0 | 66.7 | 57.1 | 70.0 | 75.0 | 53.3 |" in md
-    assert "- base (3): sky, road, tree" in md
-    assert "- novel (2): cat, dog" in md
-    assert "![Training curve](train_curve.png)" in md and "![Per-class IoU](per_class_iou.png)" in md
-    assert "params_hash: `abc123`" in md
+    assert "- base (3): sky, road, tree" in md and "- novel (2): cat, dog" in md
+    assert "![Training curve](figures/train_curve.png)" in md and "![Per-class IoU](figures/per_class_iou.png)" in md
     assert md.index("| 4 | tree |") < md.index("| 0 | sky |") < md.index("| 2 | cat |") < md.index("| 3 | dog |")
-    assert "Reference bound" not in md
-    assert "Reference bound" not in render_report("t", METRICS, _per_class_df(), {}, None)
-    md = render_report("t", METRICS, _per_class_df(), {}, {"dataset": None, "split": None})
-    assert "None" not in md and "Reference bound" not in md
+    assert "Reference bound" not in md and "Ablation" not in md
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<h1>") == 1 and page.count("SimFormer test</h1>") == 1
+    assert page.count("data:image/png;base64,") == 2
+    run = _inputs(tmp_path).run
+    run["changed"] = {}
+    md = "".join(s.markdown for s in write_report(_inputs(tmp_path, run=run), tmp_path / "r2.md"))
+    assert "- params: as committed (params.yaml unchanged)" in md
 
 
 @pytest.mark.parametrize("dataset,value", [("ade20k", "44.5"), ("coco_stuff_10k", "37.1")])
-def test_reference_bound_only_for_real_datasets(dataset, value):
-    md = render_report("t", METRICS, METRICS["per_class"], {}, {"dataset": dataset, "split": 2})
+def test_reference_bound_only_for_real_datasets(tmp_path, dataset, value):
+    write_report(_inputs(tmp_path, dataset), tmp_path / "report.md")
+    md = (tmp_path / "report.md").read_text()
     assert "## Reference bound" in md
     sec = md[md.index("## Reference bound"):]
     assert f"**{value} mIoU**" in sec and "MaskFormer R50" in sec

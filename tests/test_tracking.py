@@ -1,22 +1,28 @@
 """MLflow tracking against a throw-away SQLite store under tmp_path."""
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from pipeline.ablation import sync_grid
 from pipeline.config import build_params, flatten, params_hash, to_dict
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
     experiment_name,
-    find_run,
     git_commit,
     store_root,
     tracking_uri,
+    using_store,
 )
 from tests.conftest import file_params
+
+from tests.test_reliability import tiny_data  # noqa: E402,F401  (session fixture: a tiny prepared dataset)
 
 mlflow = pytest.importorskip("mlflow")
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside mlflow's sqlalchemy store
@@ -79,7 +85,8 @@ def test_start_log_and_resume(tmp_path, monkeypatch):
     assert [m.value for m in c.get_metric_history(rid, "loss")] == [1.5, 1.0]
     assert "skip" not in run.data.metrics
     exp = c.get_experiment_by_name(EXP)
-    assert exp.artifact_location == (root.resolve() / "mlartifacts" / EXP).as_uri()
+    assert exp.artifact_location == f"mlartifacts/{EXP}"                 # relative to the store root
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     art_dir = root / "mlartifacts" / EXP / rid / "artifacts"
     assert (art_dir / "params.yaml").read_text() == text
     assert (art_dir / "reports" / "metrics.json").read_text() == '{"mIoU": 1.0}\n'
@@ -97,21 +104,25 @@ def test_start_log_and_resume(tmp_path, monkeypatch):
     assert run.data.params["eval.max_images"] == "0"
     assert run.data.tags["resume_count"] == "1"
     assert len(c.search_runs([exp.experiment_id])) == 1
-    assert find_run(root, EXP, h) == rid
-    assert find_run(root, EXP, h, status="FINISHED") == rid
-    assert find_run(root, EXP, h, status="RUNNING") is None
-    assert find_run(root, EXP, "0000") is None
-    assert find_run(root, "no-such-experiment", h) is None
 
-    # the evaluate stage reopens the FINISHED training run; logged tags are kept, new ones added
+    # the evaluate stage reopens the FINISHED training run: results and new tags are added, its
+    # status, start and end times and resume count stay as training left them
+    time.sleep(0.05)
     with RunTracker(root, EXP) as ev:
         assert ev.start(h, "eval", flat, text, {"stage": "evaluate", "eval_images": 5},
                         include_finished=True) == rid
+        assert ev.reopened and not ev.resumed
         ev.log_metrics({"mIoU": 42.0})
-    run = c.get_run(rid)
-    assert run.info.status == "FINISHED" and run.data.metrics["mIoU"] == 42.0
-    assert run.data.tags["stage"] == "train" and run.data.tags["eval_images"] == "5"
-    assert run.data.tags["resume_count"] == "2"
+    after = c.get_run(rid)
+    assert after.info.status == "FINISHED" and after.data.metrics["mIoU"] == 42.0
+    assert (after.info.start_time, after.info.end_time) == (run.info.start_time, run.info.end_time)
+    assert after.data.tags["stage"] == "train" and after.data.tags["eval_images"] == "5"
+    assert after.data.tags["resume_count"] == "1"
+    with pytest.raises(RuntimeError, match="reopen fails"):          # an error while reopened changes nothing
+        with RunTracker(root, EXP) as ev:
+            ev.start(h, "eval", flat, text, {}, include_finished=True)
+            raise RuntimeError("reopen fails")
+    assert c.get_run(rid).info.status == "FINISHED"
 
     # without include_finished a FINISHED run is never resumed; other params hash -> other run
     with RunTracker(root, EXP) as tr3:
@@ -192,8 +203,6 @@ def test_unreachable_store_names_path(tmp_path):
     with pytest.raises(TrackingError, match="not a regular file") as e:
         RunTracker(bad, EXP).start(h, "train", flat, "", {})
     assert str(bad / "mlflow.db") in str(e.value)
-    with pytest.raises(TrackingError, match=str(bad / "mlflow.db")):
-        find_run(bad, EXP, h)
 
 
 def test_locked_store_fails_fast(tmp_path):
@@ -224,3 +233,155 @@ def test_pipeline_imports_without_mlflow(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _cell(variant, seed, **loss):
+    p = build_params({"base": {"seed": seed}, "loss": loss})
+    return {"variant": variant, "seed": seed, "params_hash": params_hash(p), "params_flat": flatten(to_dict(p)),
+            "params_text": f"# {variant}-{seed}\n", "metrics": {"mIoU": 10.0 + seed, "mIoU_novel": 5.0, "pixels": None}}
+
+
+def _children(client, exp_id, parent):
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {f"{r.data.tags['variant']}-{r.data.tags['seed']}": r for r in runs}
+
+
+def test_grids_never_steal_each_others_children(tmp_path):
+    """Grid 1 (baseline, full); then grid 2 changes one loss weight of `full`: it links to the
+    cached baseline cell instead of moving it, and both parents keep all their children."""
+    root = tmp_path
+    grid1 = [_cell("baseline", 6, comp_weight=0.0), _cell("full", 6)]
+    own = {}
+    for cell in grid1:                                  # the ablate stages' own runs
+        with RunTracker(root, EXP) as tr:
+            own[cell["variant"]] = tr.start(cell["params_hash"], f"{cell['variant']}-seed6", cell["params_flat"],
+                                            cell["params_text"], {"stage": "ablate"})
+            tr.log_metrics(cell["metrics"])
+    c = _client(root)
+    exp_id = c.get_experiment_by_name(EXP).experiment_id
+    g1 = sync_grid(root, EXP, "g1", {"cells": 2}, grid1, {"full.mIoU.mean": 16.0, "full.mIoU.std": 1.5}, "x: 1\n")
+    assert g1["children"] == {"baseline-seed6": own["baseline"], "full-seed6": own["full"]}
+    parent1 = c.get_run(g1["parent"])
+    assert parent1.data.metrics == {"full.mIoU.mean": 16.0, "full.mIoU.std": 1.5}
+    assert parent1.data.params["cells"] == "2" and parent1.info.status == "FINISHED"
+
+    grid2 = [grid1[0], _cell("full", 6, pp_weight=0.5)]          # the changed cell trains: its own run
+    with RunTracker(root, EXP) as tr:
+        new_full = tr.start(grid2[1]["params_hash"], "full-seed6", grid2[1]["params_flat"], "", {"stage": "ablate"})
+    g2 = sync_grid(root, EXP, "g2", {"cells": 2}, grid2, {}, "x: 2\n")
+    assert g2["parent"] != g1["parent"] and g2["children"]["full-seed6"] == new_full
+    link = c.get_run(g2["children"]["baseline-seed6"])
+    assert link.info.run_id != own["baseline"] and link.info.status == "FINISHED"
+    assert link.data.tags["linked_run_id"] == own["baseline"] and link.data.tags["role"] == "cell_link"
+    assert "params_hash" not in link.data.tags                        # never found as the cell's own run
+    assert link.data.metrics == {"mIoU": 16.0, "mIoU_novel": 5.0}
+    assert {k: r.info.run_id for k, r in _children(c, exp_id, g1["parent"]).items()} == {
+        "baseline-6": own["baseline"], "full-6": own["full"]}        # grid 1 keeps every child
+    assert {k: r.info.run_id for k, r in _children(c, exp_id, g2["parent"]).items()} == {
+        "baseline-6": link.info.run_id, "full-6": new_full}
+    assert c.get_run(own["baseline"]).data.tags["grid_id"] == "g1"
+
+    n = len(c.search_runs([exp_id]))
+    assert sync_grid(root, EXP, "g1", {"cells": 2}, grid1, {}, "x: 1\n") == g1     # again: nothing new
+    assert sync_grid(root, EXP, "g2", {"cells": 2}, grid2, {}, "x: 2\n") == g2
+    assert len(c.search_runs([exp_id])) == n
+    assert c.get_run(g1["parent"]).info.end_time == parent1.info.end_time        # reopened, not re-finished
+
+    restored = [_cell("baseline", 7, comp_weight=0.0)]       # outputs from DVC's run cache: no run anywhere
+    g3 = sync_grid(root, EXP, "g3", {"cells": 1}, restored, {}, "x: 3\n")
+    run = c.get_run(g3["children"]["baseline-seed7"])
+    assert run.data.tags["restored_from"] == "dvc_run_cache" and run.data.tags["mlflow.parentRunId"] == g3["parent"]
+    assert run.data.metrics == {"mIoU": 17.0, "mIoU_novel": 5.0}
+    art = root / "mlartifacts" / EXP / run.info.run_id / "artifacts" / "params.yaml"
+    assert art.read_text() == "# baseline-7\n"                                    # the cell's effective params
+
+
+def test_copied_store_reads_its_own_artifacts(tmp_path, monkeypatch):
+    _, flat, h = _params()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    with RunTracker(a, EXP) as tr:
+        rid = tr.start(h, "train", flat, "copy: me\n", {})
+    shutil.copytree(a, b)
+    shutil.rmtree(a)                                   # the original is gone
+    monkeypatch.chdir(b)                               # `make ui` / load_model run from the repository root
+    got = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="params.yaml", tracking_uri=tracking_uri(b),
+                                              dst_path=str(tmp_path / "dl"))
+    assert Path(got).read_text() == "copy: me\n"
+    monkeypatch.chdir(tmp_path)
+    with using_store(b):
+        assert mlflow.get_tracking_uri() == tracking_uri(b) and Path.cwd() == b.resolve()
+    assert "MLFLOW_TRACKING_URI" not in os.environ and Path.cwd() == tmp_path   # nothing leaks out
+    with RunTracker(b, EXP) as tr:                     # logging into the copy lands in the copy
+        assert tr.start(h, "train", flat, "", {}, include_finished=True) == rid
+        (tmp_path / "more.txt").write_text("more\n")
+        tr.log_artifact(tmp_path / "more.txt", "extra")
+    assert (b / "mlartifacts" / EXP / rid / "artifacts" / "extra" / "more.txt").read_text() == "more\n"
+    assert not a.exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 and a free port, with its own database and artifact folder."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = tmp_path / "server"
+    srv.mkdir()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{srv}/server.db",
+           "--artifacts-destination", str(srv / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=srv, stdout=subprocess.DEVNULL, stderr=open(srv / "server.log", "w"),
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start: " + (srv / "server.log").read_text()[-2000:])
+        yield url, srv
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflow_server, tiny_data):
+    import numpy as np
+
+    from tests.test_reliability import small_params, train_argv, write_params
+    url, srv = mlflow_server
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "DVC_ROOT": str(project), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    params = write_params(tmp_path / "params.yaml", small_params())
+    r = subprocess.run([sys.executable, "-m", "stages.train", *map(str, train_argv(project, tiny_data, params))],
+                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "failed" not in r.stderr, r.stderr
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()   # nothing embedded
+    c = mlflow.MlflowClient(url)
+    exp = c.get_experiment_by_name(EXP)
+    (run,) = c.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.params["train.iterations"] == "4"
+    assert (srv / "artifacts").is_dir() and list((srv / "artifacts").rglob("model.pt"))   # the server stores them
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    try:
+        assert tracking_uri(project) == url
+        with using_store(project):
+            model = mlflow.pyfunc.load_model(f"models:/{EXP}/1")
+    finally:
+        mlflow.set_tracking_uri(None)          # clears the process's URI and the variable
+    image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    labels = model.predict(image)
+    assert labels.shape == (40, 52) and labels.dtype == np.int64 and 0 <= labels.min() <= labels.max() < 24

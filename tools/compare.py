@@ -45,9 +45,9 @@ def main() -> None:
             raise ConfigError(f"--tag {t!r}: expected KEY=VALUE")
         k, v = t.split("=", 1)
         wanted.setdefault(k, []).append(v)
-    df = tracking.search_runs_frame(tracking.store_root(), experiment, wanted)
+    df = search_runs_frame(tracking.store_root(), experiment, wanted)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    table = tracking.runs_table(df, columns, args.group_by)
+    table = runs_table(df, columns, args.group_by)
     if table.empty:
         print(f"no runs in experiment '{experiment}' match {wanted or 'any tag'}", file=sys.stderr)
         sys.exit(1)
@@ -58,6 +58,41 @@ def main() -> None:
         from pipeline.io import atomic_path
         with atomic_path(args.csv) as tmp:
             table.to_csv(tmp)
+
+
+def search_runs_frame(root, experiment: str, tags: dict[str, list[str]] | None = None):
+    """``mlflow.search_runs`` of one experiment as a pandas DataFrame, filtered by tag values
+    (several values of one tag are alternatives)."""
+    import mlflow
+
+    from pipeline.tracking import TrackingError, open_client, using_store
+    open_client(root)                                    # fails clearly on a missing / locked store
+    with using_store(root) as uri:
+        if mlflow.get_experiment_by_name(experiment) is None:
+            raise TrackingError(f"MLflow store {uri} has no experiment '{experiment}'")
+        df = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
+    for key, values in (tags or {}).items():
+        col = f"tags.{key}"
+        df = df[df[col].isin(values)] if col in df else df.iloc[0:0]
+    if "grid_id" not in (tags or {}) and "tags.role" in df:      # a later grid's links repeat cached cells
+        df = df[df["tags.role"] != "cell_link"]
+    return df
+
+
+def runs_table(df, metrics: list[str], group_by: str | None = None):
+    """Run name, variant, seed, status and the chosen metrics; or mean/std/count per ``group_by`` tag."""
+    import pandas as pd
+
+    cols = {"tags.mlflow.runName": "run", "tags.variant": "variant", "tags.seed": "seed", "status": "status",
+            "tags.params_hash": "params_hash"}
+    out = pd.DataFrame({new: df[old] for old, new in cols.items() if old in df})
+    for m in metrics:
+        out[m] = df[f"metrics.{m}"] if f"metrics.{m}" in df else float("nan")
+    if group_by is None or out.empty:
+        return out.reset_index(drop=True)
+    if group_by not in out:
+        out[group_by] = df.get(f"tags.{group_by}")
+    return out.groupby(group_by)[metrics].agg(["mean", "std", "count"])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Input: a cells folder (``data/ablation/``) with one sub-folder per cell named
 ``<variant>-<seed>`` (:func:`pipeline.ablation.cell_key`), each holding
 
-* ``cell.json``: ``{"variant", "seed", "params_hash", "shared_with_main"}``
-* ``metrics.json``: the evaluate stage's summary (percent; a value may be ``null``)
+* ``cell.json``: ``{"variant", "seed", "params_hash", "shared_with_main", "iterations", "dataset",
+  "split", ...}``
+* ``metrics.json``: the evaluate stage's metrics (percent; a value may be ``null``)
 * ``per_class_iou.csv``: ``id,name,split,iou,acc,gt_pixels,pred_pixels``
 * ``curve.csv``: ``step,loss,<loss terms>...,lr,images_per_s``
 
@@ -12,7 +13,8 @@ Statistics: per variant the mean over its seeds and the *sample* standard deviat
 (``ddof=1``); a variant with one seed (or one non-missing value) has no std, printed as
 ``± n/a``. A seed whose metric is ``null`` (e.g. no novel class present) is left out of that
 metric's mean. The difference column is ``mean(variant) - mean(baseline)`` from unrounded
-means. No torch here: pandas + matplotlib (Agg canvas, no pyplot) only.
+means; a difference no larger than the larger standard deviation of the two rows is *inside
+the seed spread* and marked ``†``. No torch here: pandas + matplotlib (Agg canvas) only.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .figures import _new_figure, _read_curve, _save, _smooth
+from ..engine.metrics import SUMMARY_KEYS
+from .figures import CURVE_NON_LOSS, _axis_max, _new_figure, _read_curve, _save, _smooth, smoothing_label
 from .tables import PER_CLASS_COLUMNS, REFERENCE_BOUNDS, fmt_pct, is_missing, markdown_table
 
 # (metric key, column header) of the ablation table, in the paper's order.
@@ -33,8 +36,7 @@ ABLATION_METRICS = (
     ("mIoU", "mIoU"),
     ("hIoU", "hIoU"),
 )
-SUMMARY_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc", "mAcc", "fwIoU")
-CELL_FILES = ("cell.json", "metrics.json", "per_class_iou.csv", "curve.csv")
+INSIDE_SPREAD = "†"
 
 
 class AblationError(ValueError):
@@ -73,8 +75,8 @@ def _cell_dirs(cells_dir: Path) -> list[Path]:
 
 
 def load_cells(cells_dir) -> pd.DataFrame:
-    """One row per cell: ``variant, seed, params_hash, shared_with_main, dataset, split``, the
-    summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN)
+    """One row per cell: ``variant, seed, params_hash, shared_with_main, iterations, dataset,
+    split`` (from ``cell.json``), the summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN)
     and ``cell_dir``. Rows are sorted by folder name.
 
     Raises ``FileNotFoundError`` naming the missing ``cell.json`` / ``metrics.json`` and
@@ -104,7 +106,7 @@ def load_cells(cells_dir) -> pd.DataFrame:
         row: dict[str, Any] = {
             "variant": variant, "seed": seed,
             "params_hash": cell.get("params_hash"), "shared_with_main": bool(cell.get("shared_with_main", False)),
-            "dataset": metrics.get("dataset"), "split": metrics.get("split"),
+            "iterations": cell.get("iterations"), "dataset": cell.get("dataset"), "split": cell.get("split"),
         }
         for k in SUMMARY_KEYS:
             row[k] = _num(metrics[k], metrics_path, k)
@@ -115,6 +117,17 @@ def load_cells(cells_dir) -> pd.DataFrame:
     if not dup.empty:  # impossible with folder == key, kept as a guard
         raise AblationError(f"ablation cells folder {cells_dir} holds duplicate cells: {dup['cell_dir'].tolist()}")
     return df
+
+
+def grid_cells(cells_dir, cells: Sequence[tuple[str, int]]) -> pd.DataFrame:
+    """:func:`load_cells` restricted to the grid's ``(variant, seed)`` cells, in that order;
+    ``FileNotFoundError`` naming every cell missing from ``cells_dir``."""
+    df = load_cells(cells_dir).set_index(["variant", "seed"], drop=False)
+    missing = [f"{v}-{s}" for v, s in cells if (v, s) not in df.index]
+    if missing:
+        raise FileNotFoundError(f"ablation cells missing from '{cells_dir}': {', '.join(missing)} "
+                                "(run `dvc repro` to train them)")
+    return df.loc[list(cells)].reset_index(drop=True)
 
 
 def _variant_rows(cells_df: pd.DataFrame, variant: str) -> pd.DataFrame:
@@ -135,17 +148,19 @@ def ablation_table(cells_df: pd.DataFrame, variants: Sequence[str], baseline: st
     """Per variant (in ``variants`` order): ``variant, n, seeds`` and, for each of
     ``mIoU_base, mIoU_novel, mIoU, hIoU``: ``<m>_mean``, ``<m>_std`` (sample std, ddof=1; NaN
     with fewer than two values), ``<m>_n`` (seeds with a value) and ``<m>_diff`` (mean minus
-    the baseline's mean; NaN when ``baseline`` has no cells, 0 for the baseline itself).
-    ``is_baseline`` marks the baseline row. The baseline need not be in ``variants``; it is
+    the baseline's mean; NaN when ``baseline`` has no cells, 0 for the baseline itself) and
+    ``<m>_inside`` (True when ``|diff|`` is at most the larger std of the row and the baseline,
+    None when a std is missing). ``is_baseline`` marks the baseline row. The baseline need not be in ``variants``; it is
     looked up in ``cells_df``. A variant with no cells raises ``AblationError``.
     """
     variants = list(variants)
     _check_variants(cells_df, variants)
     has_baseline = baseline in set(cells_df["variant"])
-    base_means = {}
+    base_means, base_stds = {}, {}
     if has_baseline:
         b = _variant_rows(cells_df, baseline)
         base_means = {k: b[k].astype(float).mean(skipna=True) for k, _ in ABLATION_METRICS}
+        base_stds = {k: b[k].astype(float).std(ddof=1, skipna=True) for k, _ in ABLATION_METRICS}
     rows = []
     for v in variants:
         sub = _variant_rows(cells_df, v)
@@ -157,7 +172,9 @@ def ablation_table(cells_df: pd.DataFrame, variants: Sequence[str], baseline: st
             mean = float(vals.mean(skipna=True)) if n_valid else float("nan")
             std = float(vals.std(ddof=1, skipna=True)) if n_valid >= 2 else float("nan")
             row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_n"] = mean, std, n_valid
-            row[f"{k}_diff"] = mean - base_means[k] if has_baseline else float("nan")
+            row[f"{k}_diff"] = diff = mean - base_means[k] if has_baseline else float("nan")
+            spread = max(std, base_stds.get(k, float("nan")))
+            row[f"{k}_inside"] = None if is_missing(diff) or is_missing(spread) else bool(abs(diff) <= spread)
         rows.append(row)
     out = pd.DataFrame(rows)
     out.attrs["baseline"] = baseline if has_baseline else None
@@ -183,15 +200,37 @@ def _seeds_text(seeds) -> str:
     return ", ".join(str(int(s)) for s in seeds)
 
 
-def ablation_markdown(table: pd.DataFrame, title: str, dataset: str | None = None,
-                      reference: Mapping[str, Any] | None = None) -> str:
-    """Markdown section for an :func:`ablation_table`.
+def ablation_notes(table: pd.DataFrame, cell_iterations: int | None = None,
+                   main_iterations: int | None = None) -> list[str]:
+    """What the table's numbers are worth, one warning per line (markdown): cells trained for
+    fewer iterations than the main model, differences inside the seed spread, one seed."""
+    notes = []
+    if cell_iterations and main_iterations and cell_iterations < main_iterations:
+        notes.append(f"**A quick look, not a result.** Each grid cell trained {cell_iterations} iterations, the "
+                     f"main model {main_iterations}: at this length the differences below say little. For "
+                     "comparable numbers train the cells as long: `dvc exp run -S ablation.iterations=0`.")
+    rows = [r for r in table.to_dict("records") if not r.get("is_baseline")]
+    flags = [r[f"{k}_inside"] for r in rows for k, _ in ABLATION_METRICS if not is_missing(r[f"{k}_diff"])]
+    if any(f is None for f in flags):
+        notes.append("**One seed** (for a variant or the baseline): the seed spread is unknown, so no "
+                     "difference can be told from seed noise. Add seeds: `dvc exp run -S 'ablation.seeds=[6,7,8]'`.")
+    if any(f is True for f in flags):
+        notes.append(f"**{sum(f is True for f in flags)} of {len(flags)} differences are inside the seed spread** "
+                     f"(marked {INSIDE_SPREAD}: |Δ| is at most the larger standard deviation of the two rows); "
+                     "they cannot be told from seed noise.")
+    return notes
 
-    One row per variant: seeds, then ``mean ± std`` of each metric followed by its difference
-    to the baseline (``—`` on the baseline row; ``n/a`` without a baseline). For a dataset with
-    a published bound (``tables.REFERENCE_BOUNDS``: ade20k 44.5, coco_stuff_10k 37.1 mIoU), or
-    an explicit ``reference`` mapping (``label``, ``mIoU``, ``setting``), a separate
-    "Reference bound" section quotes it, marked as published and not a project result.
+
+def ablation_markdown(table: pd.DataFrame, dataset: str | None = None, reference: Mapping[str, Any] | None = None,
+                      notes: Sequence[str] = ()) -> str:
+    """Markdown for an :func:`ablation_table` (no heading: the caller gives one).
+
+    ``notes`` (:func:`ablation_notes`) come first, as quoted banners. One row per variant:
+    seeds, then ``mean ± std`` of each metric followed by its difference to the baseline
+    (``—`` on the baseline row; ``n/a`` without a baseline; ``†`` inside the seed spread). For
+    a dataset with a published bound (``tables.REFERENCE_BOUNDS``: ade20k 44.5, coco_stuff_10k
+    37.1 mIoU), or an explicit ``reference`` mapping (``label``, ``mIoU``, ``setting``), a
+    separate "Reference bound" part quotes it, marked as published and not a project result.
     """
     headers = ["variant", "seeds"]
     align = ["l", "l"]
@@ -203,21 +242,23 @@ def ablation_markdown(table: pd.DataFrame, title: str, dataset: str | None = Non
         row = [f"**{r['variant']}**" if r.get("is_baseline") else r["variant"], _seeds_text(r["seeds"])]
         for k, _ in ABLATION_METRICS:
             row.append(fmt_mean_std(r[f"{k}_mean"], r[f"{k}_std"]))
-            row.append("—" if r.get("is_baseline") else fmt_diff(r[f"{k}_diff"]))
+            mark = INSIDE_SPREAD if r.get(f"{k}_inside") is True else ""
+            row.append("—" if r.get("is_baseline") else fmt_diff(r[f"{k}_diff"]) + mark)
         rows.append(row)
 
     all_seeds = sorted({int(s) for seeds in table["seeds"] for s in seeds}) if len(table) else []
     ns = sorted({int(n) for n in table["n"]}) if len(table) else []
     baseline_rows = table.loc[table["is_baseline"]] if "is_baseline" in table else table.iloc[:0]
     baseline_name = baseline_rows["variant"].iloc[0] if len(baseline_rows) else table.attrs.get("baseline")
-    lines = [f"## {title}", ""]
+    lines = [f"> {n}\n" for n in notes]
     if dataset:
         lines.append(f"Dataset: `{dataset}`.")
     lines.append(f"Seeds used: {_seeds_text(all_seeds) if all_seeds else 'none'} "
                  f"({' / '.join(str(n) for n in ns) or 0} per variant). Percent; each cell is the mean over "
                  "seeds ± the sample standard deviation (ddof = 1; `n/a` with one seed).")
     if baseline_name is not None:
-        lines.append(f"Δ = difference of the mean to the **{baseline_name}** mean (from unrounded means).")
+        lines.append(f"Δ = difference of the mean to the **{baseline_name}** mean (from unrounded means); "
+                     f"{INSIDE_SPREAD} = inside the seed spread.")
     else:
         lines.append("Δ = difference of the mean to the baseline mean (`n/a`: no baseline cells).")
     parts = ["\n".join(lines) + "\n", markdown_table(headers, rows, align)]
@@ -240,6 +281,16 @@ def ablation_markdown(table: pd.DataFrame, title: str, dataset: str | None = Non
             ref_row += [fmt_pct(ref["mIoU"]) if k == "mIoU" else "—", "—"]
         parts.append("\n".join(ref_lines) + "\n" + markdown_table(headers, [ref_row], align))
     return "\n".join(p.rstrip("\n") + "\n" for p in parts)
+
+
+def ablation_summary(table: pd.DataFrame) -> dict:
+    """``{variant: {metric: {"mean", "std", "n"}}}`` of an :func:`ablation_table` (strict JSON:
+    a missing value is None): ``reports/ablation.json``, DVC metrics."""
+    def num(v):
+        return None if is_missing(v) else round(float(v), 4)
+
+    return {r["variant"]: {k: {"mean": num(r[f"{k}_mean"]), "std": num(r[f"{k}_std"]), "n": int(r[f"{k}_n"])}
+                           for k, _ in ABLATION_METRICS} for r in table.to_dict("records")}
 
 
 def _read_per_class(path: Path) -> pd.DataFrame:
@@ -308,11 +359,12 @@ def plot_novel_class_iou(df: pd.DataFrame, out_png) -> Path:
         yy = y - group / 2 + (i + 0.5) * h
         ax.barh(yy, np.nan_to_num(vals, nan=0.0), height=h * 0.95, color=f"C{i % 10}", label=v)
         for yv in yy[np.isnan(vals)]:  # class absent from prediction and GT in every seed
-            ax.text(0.5, yv, "n/a", va="center", ha="left", fontsize=6, color=f"C{i % 10}")
+            ax.text(0.01, yv, "n/a", va="center", ha="left", fontsize=8, color=f"C{i % 10}",
+                    transform=ax.get_yaxis_transform())
     ax.set_yticks(y)
-    ax.set_yticklabels([str(s) for s in df["name"]], fontsize=8)
+    ax.set_yticklabels([str(s) for s in df["name"]], fontsize=9)
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
+    ax.set_xlim(0, _axis_max(df[variants].apply(pd.to_numeric, errors="coerce").to_numpy()))
     ax.set_xlabel("IoU (%) — mean over seeds")
     ax.set_title("novel-class IoU by variant")
     ax.grid(axis="x", alpha=0.3)
@@ -322,45 +374,47 @@ def plot_novel_class_iou(df: pd.DataFrame, out_png) -> Path:
 
 
 def plot_variant_curves(cells_dir, variants: Sequence[str], out_png, smoothing: int = 10) -> Path:
-    """Total loss vs step per variant: the mean over seeds of each seed's ``smoothing``-step
-    moving average, with the seeds' min-max range shaded. Reads ``<cell>/curve.csv``."""
+    """The loss terms every variant trains with (the total sums different terms per variant,
+    so it is not compared), one panel per term: per variant the mean over seeds of each seed's
+    centred moving average, the seeds' min-max range shaded. Reads ``<cell>/curve.csv``."""
     variants = list(variants)
     cells = load_cells(cells_dir)
     _check_variants(cells, variants)
-    fig = _new_figure(9, 4.5)
-    ax = fig.subplots()
-    plotted = 0
-    for i, v in enumerate(variants):
-        series = []
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for v in variants:
         for r in _variant_rows(cells, v).itertuples(index=False):
             path = Path(r.cell_dir) / "curve.csv"
             if not path.is_file():
                 raise FileNotFoundError(f"ablation cell file missing: {path}")
             df = _read_curve(path)
-            if df.empty or "loss" not in df.columns:
-                continue
-            step = df["step"] if "step" in df.columns else pd.Series(np.arange(len(df)))
-            s = _smooth(pd.to_numeric(df["loss"], errors="coerce"), smoothing)
-            s.index = pd.Index(step.to_numpy(), name="step")
-            series.append(s[~s.index.duplicated(keep="last")].rename(int(r.seed)))
-        if not series:
-            continue
-        wide = pd.concat(series, axis=1).sort_index()
-        color = f"C{i % 10}"
-        ax.plot(wide.index, wide.mean(axis=1, skipna=True), color=color, linewidth=1.5,
-                label=f"{v} (n={wide.shape[1]})")
-        if wide.shape[1] > 1:
-            ax.fill_between(wide.index, wide.min(axis=1, skipna=True), wide.max(axis=1, skipna=True),
-                            color=color, alpha=0.2, linewidth=0)
-        plotted += 1
-    if not plotted:
-        ax.text(0.5, 0.5, "no training curve data", ha="center", va="center", transform=ax.transAxes)
+            if not df.empty and "step" in df.columns:
+                curves.setdefault(v, []).append(df.drop_duplicates("step", keep="last").set_index("step"))
+    frames = [df for dfs in curves.values() for df in dfs]
+    terms = [c for c in (frames[0].columns if frames else []) if c not in CURVE_NON_LOSS
+             and all(c in df.columns for df in frames)]
+    fig = _new_figure(max(6.0, 4.2 * len(terms)), 4.2)
+    if not terms:
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "no loss term shared by every variant", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return _save(fig, out_png)
-    ax.set_xlabel("step")
-    ax.set_ylabel("total loss")
-    ax.set_title(f"training loss by variant (moving average {smoothing}; mean over seeds, min-max shaded)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    axes = np.atleast_1d(fig.subplots(1, len(terms)))
+    label = smoothing_label(frames[0].index, smoothing)
+    for ax, term in zip(axes, terms):
+        for i, v in enumerate(variants):
+            if v not in curves:
+                continue
+            wide = pd.concat([_smooth(pd.to_numeric(df[term], errors="coerce"), smoothing) for df in curves[v]],
+                             axis=1).sort_index()
+            color = f"C{i % 10}"
+            ax.plot(wide.index, wide.mean(axis=1), color=color, linewidth=1.5, label=f"{v} (n={wide.shape[1]})")
+            if wide.shape[1] > 1:
+                ax.fill_between(wide.index, wide.min(axis=1), wide.max(axis=1), color=color, alpha=0.2, linewidth=0)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("unweighted loss")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"loss terms shared by every variant; {label}; mean over seeds, min-max shaded", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -41,13 +41,29 @@ def _read_curve(curve) -> pd.DataFrame:
 
 
 def _smooth(s: pd.Series, window: int) -> pd.Series:
-    return s.rolling(window=max(1, int(window)), min_periods=1).mean()
+    """Centred moving average over ``window`` logged points (fewer at the ends)."""
+    return s.rolling(window=max(1, int(window)), center=True, min_periods=1).mean()
+
+
+def smoothing_label(steps, window: int) -> str:
+    """What :func:`_smooth` averages, in logged points and in training steps."""
+    steps = pd.to_numeric(pd.Series(steps), errors="coerce").dropna()
+    gap = float(steps.diff().median()) if len(steps) > 1 else 1.0
+    window = max(1, int(window))
+    return f"centred moving average over {window} logged points ({window * gap:g} steps)"
+
+
+def _axis_max(values, cap: float = 100.0) -> float:
+    """An upper axis limit just above the largest value (percent: at most ``cap``)."""
+    v = np.asarray(values, dtype=float)
+    top = float(np.nanmax(v)) if np.isfinite(v).any() else 0.0
+    return min(cap, max(1.0, top * 1.1))
 
 
 def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
-    """Two panels: total loss (raw, faint, plus a ``smoothing``-step moving average) and every
-    per-term loss column (moving average). Curve columns: ``step, loss, <loss terms>..., lr,
-    images_per_s``; any numeric column other than step/loss/lr/images_per_s is a loss term."""
+    """Two panels: total loss (raw, faint, plus a centred moving average over ``smoothing``
+    logged points) and every per-term loss column (the same average). Curve columns: ``step,
+    loss, <loss terms>..., lr, images_per_s``; any other numeric column is a loss term."""
     df = _read_curve(curve_csv_or_df)
     fig = _new_figure(11, 4.2)
     ax_total, ax_terms = fig.subplots(1, 2)
@@ -60,7 +76,8 @@ def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
     x = df["step"] if "step" in df.columns else pd.Series(np.arange(len(df)), index=df.index)
     loss = pd.to_numeric(df["loss"], errors="coerce")
     ax_total.plot(x, loss, color="0.3", alpha=0.25, linewidth=0.8, label="raw")
-    ax_total.plot(x, _smooth(loss, smoothing), color="C0", linewidth=1.6, label=f"moving average ({smoothing})")
+    label = smoothing_label(x, smoothing)
+    ax_total.plot(x, _smooth(loss, smoothing), color="C0", linewidth=1.6, label=label)
     ax_total.set_title("total loss")
     ax_total.set_xlabel("step")
     ax_total.set_ylabel("loss")
@@ -75,7 +92,7 @@ def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
         ax_terms.legend(fontsize=8, ncol=2)
     else:
         ax_terms.text(0.5, 0.5, "no per-term losses logged", ha="center", va="center", transform=ax_terms.transAxes)
-    ax_terms.set_title(f"loss terms (moving average, {smoothing} steps)")
+    ax_terms.set_title("loss terms (unweighted), " + label, fontsize=9)
     ax_terms.set_xlabel("step")
     ax_terms.grid(alpha=0.3)
     fig.tight_layout()
@@ -106,7 +123,7 @@ def plot_per_class_iou(per_class_df, out_png) -> Path:
             tick.set_color(NOVEL_COLOR)
             tick.set_fontweight("bold")
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
+    ax.set_xlim(0, _axis_max(iou))
     ax.set_xlabel("IoU (%)")
     ax.grid(axis="x", alpha=0.3)
     from matplotlib.patches import Patch

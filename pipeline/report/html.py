@@ -2,8 +2,8 @@
 
 :func:`markdown_to_html` is a deliberately small converter for the markdown this pipeline
 writes: ATX headings, GitHub pipe tables (with ``:---`` / ``---:`` / ``:---:`` alignment and
-``\\|`` escapes), bullet lists, fenced code blocks, images ``![alt](src)`` and paragraphs;
-inline ``**bold**``, ``*italic*``, ```code``` and ``[text](url)``. All text is escaped with
+``\\|`` escapes), bullet lists, ``>`` quoted banners, fenced code blocks, images ``![alt](src)``
+and paragraphs; inline ``**bold**``, ``*italic*``, ```code``` and ``[text](url)``. All text is escaped with
 :func:`html.escape`; nothing in the input becomes raw HTML.
 """
 from __future__ import annotations
@@ -14,8 +14,6 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..io import write_text
-
 CSS = """
 body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1100px;
 margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -25,12 +23,14 @@ th,td{border:1px solid #ccc;padding:.3em .6em}th{background:#f3f3f3}tr:nth-child
 code{background:#f3f3f3;padding:0 .25em;border-radius:3px}pre{background:#f6f8fa;padding:.8em;overflow:auto}
 figure{margin:1.2em 0}figure img,p img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 .missing{color:#b00}
+blockquote{margin:1em 0;padding:.6em 1em;background:#fff6d6;border-left:4px solid #e0a800}
 """.strip()
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _IMAGE_LINE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)\s*$")
 _TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 _LIST_ITEM = re.compile(r"^\s*[-*+]\s+(.*)$")
+_QUOTE = re.compile(r"^\s*>\s?(.*)$")
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 
@@ -177,6 +177,14 @@ def markdown_to_html(md: str, images: Mapping[str, Path] | None = None, _used: s
                     _used.add(key)
             i += 1
             continue
+        if _QUOTE.match(line):
+            flush_para()
+            quoted = []
+            while i < len(lines) and _QUOTE.match(lines[i]):
+                quoted.append(_QUOTE.match(lines[i]).group(1))
+                i += 1
+            out.append("<blockquote>" + markdown_to_html("\n".join(quoted), images, _used) + "</blockquote>")
+            continue
         if _LIST_ITEM.match(line):
             flush_para()
             items = []
@@ -215,10 +223,3 @@ def render_html(title: str, sections: Sequence[tuple[str, str]], images: Mapping
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
-
-
-def write_html(path, title: str, sections: Sequence[tuple[str, str]],
-               images: Mapping[str, Path] | None = None) -> Path:
-    """:func:`render_html` written atomically to ``path``."""
-    write_text(path, render_html(title, sections, images))
-    return Path(path)

@@ -93,46 +93,54 @@ def qualitative_figure(model: torch.nn.Module, images: list[tuple[str, np.ndarra
     novel = {int(i) for i in novel_ids}
     device = torch.device(device)
 
-    ncols = 3 + top_k
-    panel = 2.4
-    fig = _new_figure(panel * ncols, panel * len(images) + 0.5)
-    axes = np.asarray(fig.subplots(len(images), ncols, squeeze=False))
+    rows = []                       # (name, image, gt, prediction, class probs, mask logits)
     was_training = model.training
     model.eval()
     try:
-        for row, (name, image, gt) in enumerate(images):
-            image = np.asarray(image)
-            gt = np.asarray(gt)
+        for name, image, gt in images:
+            image, gt = np.asarray(image), np.asarray(gt)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"qualitative_figure: image '{name}' must be uint8 H x W x 3, "
                                  f"got {image.dtype} {image.shape}")
             if gt.shape != image.shape[:2]:
                 raise ValueError(f"qualitative_figure: ground truth of '{name}' has shape {gt.shape}, "
                                  f"image {image.shape[:2]}")
-            pred, probs, masks = _infer(model, image, device)
-            ax = axes[row]
-            ax[0].imshow(image)
-            ax[0].set_title(str(name), fontsize=8)
-            ax[1].imshow(colorize(gt, colors))
-            ax[1].set_title("ground truth", fontsize=8)
-            ax[2].imshow(colorize(pred, colors))
-            ax[2].set_title("prediction", fontsize=8)
-            props = top_proposals(probs, top_k)
-            for j in range(top_k):
-                a = ax[3 + j]
-                if j < len(props):
-                    q, c, s = props[j]
-                    a.imshow((masks[q].sigmoid() > 0.5).numpy(), cmap="gray", vmin=0, vmax=1,
-                             interpolation="nearest")
-                    a.set_title(f"q{q}: {_class_label(c, class_names, novel)} {s:.2f}", fontsize=8,
-                                color="#C44E52" if c in novel else "black")
-                else:
-                    a.text(0.5, 0.5, "no query", ha="center", va="center", transform=a.transAxes, fontsize=8)
-            for a in ax:
-                a.set_xticks([])
-                a.set_yticks([])
+            rows.append((name, image, gt, *_infer(model, image, device)))
     finally:
         model.train(was_training)
-    fig.suptitle(f"qualitative results: top {top_k} proposals by class score (* = novel class)", fontsize=9)
-    fig.tight_layout()
+    # the colour legend: every class in a ground truth or a prediction, then "ignored"
+    from matplotlib.patches import Patch
+    shown = sorted({int(c) for r in rows for c in np.unique(np.concatenate([r[2].ravel(), r[3].ravel()]))
+                    if 0 <= c < num_classes})
+    handles = [Patch(facecolor=colors[c] / 255.0, edgecolor="0.3", label=_class_label(c, class_names, novel))
+               for c in shown] + [Patch(facecolor=np.array(IGNORE_COLOR) / 255.0, edgecolor="0.3", label="ignored")]
+
+    ncols, panel, font = 3 + top_k, 2.4, 11
+    legend_cols = 6                 # rows of the legend do not depend on top_k
+    legend_h = 0.5 + 0.3 * -(-len(handles) // legend_cols)
+    fig = _new_figure(panel * ncols, (panel + 0.35) * len(rows) + legend_h)
+    fig.set_layout_engine("constrained")
+    axes = np.asarray(fig.subplots(len(rows), ncols, squeeze=False))
+    for ax, (name, image, gt, pred, probs, masks) in zip(axes, rows):
+        ax[0].imshow(image)
+        ax[0].set_title(str(name), fontsize=font)
+        ax[1].imshow(colorize(gt, colors), interpolation="nearest")
+        ax[1].set_title("ground truth", fontsize=font)
+        ax[2].imshow(colorize(pred, colors), interpolation="nearest")
+        ax[2].set_title("prediction", fontsize=font)
+        props = top_proposals(probs, top_k)
+        for j in range(top_k):
+            a = ax[3 + j]
+            if j < len(props):
+                q, c, s = props[j]
+                a.imshow((masks[q].sigmoid() > 0.5).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                a.set_title(f"{_class_label(c, class_names, novel)} {s:.2f}", fontsize=font,
+                            color="#C44E52" if c in novel else "black")
+            else:
+                a.text(0.5, 0.5, "no query", ha="center", va="center", transform=a.transAxes, fontsize=font)
+        for a in ax:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.legend(handles=handles, loc="outside lower center", ncol=legend_cols, fontsize=font - 1, frameon=False,
+               title="classes (* = novel)", title_fontsize=font - 1)
     return _save(fig, out_png)

@@ -1,4 +1,4 @@
-"""Markdown tables and the ``reports/report.md`` text.
+"""Markdown tables of the report.
 
 Tables are formatted by hand (not ``DataFrame.to_markdown``) so that the report does not
 depend on ``tabulate``, which is not in requirements.txt. Numbers are percentages with one
@@ -121,14 +121,22 @@ def per_class_table_markdown(per_class_df) -> str:
                           ["r", "l", "l", "r", "r", "r", "r"])
 
 
+def split_markdown(per_class_df) -> str:
+    """The base and novel classes, by id, as two bullets."""
+    df = per_class_dataframe(per_class_df)
+    lines = []
+    for split in ("base", "novel"):
+        names = df.loc[df["split"] == split].sort_values("id")["name"].astype(str).tolist()
+        lines.append(f"- {split} ({len(names)}): " + format_class_list(names))
+    return "\n".join(lines) + "\n"
+
+
 def reference_bound_markdown(dataset: str, metrics: Mapping[str, Any] | None = None) -> str:
-    """The "Reference bound" section for a real dataset, or '' when none is published."""
+    """The reference bound of a real dataset (no heading), or '' when none is published."""
     ref = REFERENCE_BOUNDS.get(str(dataset))
     if ref is None:
         return ""
     lines = [
-        "## Reference bound",
-        "",
         f"Published fully supervised MaskFormer R50 on {ref['label']}: **{ref['mIoU']:.1f} mIoU** "
         f"({ref['setting']}; MaskFormer paper, quoted in SimFormer as the upper bound of every split).",
         "This is the **reference upper bound, not a reproduction**: it was not run by this pipeline, "
@@ -137,51 +145,3 @@ def reference_bound_markdown(dataset: str, metrics: Mapping[str, Any] | None = N
     if metrics is not None and not is_missing(metrics.get("mIoU")):
         lines.append(f"This run (weak-shot, this pipeline's settings): {fmt_pct(metrics['mIoU'])} mIoU.")
     return "\n".join(lines) + "\n"
-
-
-def render_report(title: str, metrics: Mapping[str, Any], per_class_df, figures: Mapping[str, str] | None = None,
-                  extra: Mapping[str, Any] | None = None) -> str:
-    """Markdown for ``reports/report.md``.
-
-    ``figures`` maps a caption to a PNG path relative to the report. ``extra`` may hold
-    ``dataset`` and ``split`` (shown in the split summary; a real dataset adds the
-    "Reference bound" section) and any further run facts (params hash, MLflow run id, ...),
-    listed under "Run".
-    """
-    extra = {k: v for k, v in (extra or {}).items() if v is not None}
-    df = sort_per_class(per_class_df)
-    parts = [f"# {title}\n"]
-
-    run_items = {k: v for k, v in extra.items() if k not in ("dataset", "split")}
-    if "dataset" in extra or "split" in extra or run_items:
-        lines = ["## Run", ""]
-        if "dataset" in extra:
-            lines.append(f"- dataset: `{extra['dataset']}`")
-        if "split" in extra:
-            lines.append(f"- split: {extra['split']}")
-        lines += [f"- {k}: `{v}`" for k, v in run_items.items()]
-        parts.append("\n".join(lines) + "\n")
-
-    parts.append("## Metrics\n\nPercent, from one confusion matrix over the test set; classes absent "
-                 "from both prediction and ground truth are left out of the means.\n\n"
-                 + metrics_table_markdown(metrics))
-
-    lines = ["## Split", ""]
-    for split in ("base", "novel"):
-        names = df.loc[df["split"] == split].sort_values("id")["name"].astype(str).tolist()
-        lines.append(f"- {split} ({len(names)}): " + format_class_list(names))
-    parts.append("\n".join(lines) + "\n")
-
-    parts.append("## Per-class IoU\n\nSorted by split (base, novel), then IoU.\n\n" + per_class_table_markdown(df))
-
-    if figures:
-        lines = ["## Figures", ""]
-        for caption, path in figures.items():
-            lines.append(f"![{caption}]({path})")
-            lines.append("")
-        parts.append("\n".join(lines))
-
-    ref = reference_bound_markdown(extra.get("dataset", ""), metrics)
-    if ref:
-        parts.append(ref)
-    return "\n".join(p.rstrip("\n") + "\n" for p in parts)

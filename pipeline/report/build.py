@@ -1,0 +1,191 @@
+"""The report, one function per section, assembled into ``report.md``, ``report.html``,
+``ablation.md`` and ``ablation.json``.
+
+A section function takes the :class:`Inputs` and returns a :class:`Section`, or None when
+it does not apply (no ablation grid, no retraining, ...). :func:`sections` calls them in
+order, so a new section is one function plus one line there. A section writes the figures
+it shows. No torch here except in :func:`qualitative_section`, which imports it itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..io import write_json, write_text
+from . import ablation as ab
+from .figures import plot_per_class_iou, plot_training_curve
+from .html import render_html
+from .tables import (metrics_table_markdown, per_class_table_markdown, reference_bound_markdown, sort_per_class,
+                     split_markdown)
+
+REPRODUCIBILITY = ("Rerunning this commit with the same params on the same machine and the same number of torch "
+                   "threads gives bit-identical numbers; another CPU (or thread count) gives different ones, "
+                   "because floating-point sums are ordered differently (README, *Reproducibility*).")
+
+
+@dataclass
+class Section:
+    heading: str
+    markdown: str                                   # the body; figure links relative to the report folder
+    figures: dict[str, Path] = field(default_factory=dict)     # caption -> PNG, embedded in the HTML
+
+
+@dataclass
+class Grid:
+    """An ablation grid's results: :func:`ablation.ablation_table` of its cells."""
+    table: pd.DataFrame
+    cells_dir: Path
+    variants: list[str]
+    seeds: list[int]
+    iterations: int                                 # training iterations of every cell
+
+
+@dataclass
+class Inputs:
+    title: str
+    dataset: str
+    split: int
+    metrics: dict                                   # the evaluate stage's metrics.json
+    per_class: pd.DataFrame                         # its per_class_iou.csv
+    curve: pd.DataFrame                             # the train stage's curve
+    report_dir: Path                                # folder of the markdown files
+    figures_dir: Path
+    smoothing: int = 10
+    run: dict[str, Any] = field(default_factory=dict)   # commit, date, experiment, iterations, seed, changed
+    retrain: dict | None = None                     # retrain stage's metrics (None or {} when off)
+    grid: Grid | None = None
+    qualitative: tuple[Path, Path, dict] | None = None  # model file, dataset folder, index.json
+
+
+def _figure(r: Inputs, caption: str, name: str) -> tuple[Path, str]:
+    path = r.figures_dir / name
+    return path, f"![{caption}]({os.path.relpath(path, r.report_dir)})\n"
+
+
+def run_section(r: Inputs) -> Section:
+    run, grid = r.run, r.grid
+    lines = [f"- dataset: `{r.dataset}`, split {r.split}",
+             f"- commit: `{run.get('commit', 'unknown')}`; DVC experiment: `{run.get('experiment', 'workspace')}`",
+             f"- date: {run.get('date', 'unknown')}",
+             f"- main model: {run.get('iterations', '?')} iterations, seed {run.get('seed', '?')}"]
+    if grid is not None:
+        lines.append(f"- ablation grid: {len(grid.variants)} variants × seeds {', '.join(map(str, grid.seeds))}; "
+                     f"{grid.iterations} iterations per cell")
+    changed = run.get("changed")
+    if changed is None:
+        lines.append("- params: the committed params.yaml could not be read (not a git checkout?)")
+    elif not changed:
+        lines.append("- params: as committed (params.yaml unchanged)")
+    else:
+        lines.append("- params changed from the committed params.yaml: "
+                     + "; ".join(f"`{k}` {new!r} (committed {old!r})" for k, (new, old) in changed.items()))
+    return Section("Run", "\n".join(lines) + "\n\n" + REPRODUCIBILITY + "\n")
+
+
+def metrics_section(r: Inputs) -> Section:
+    return Section("Metrics", "Percent, from one confusion matrix over the test set; classes absent from both "
+                              "prediction and ground truth are left out of the means.\n\n"
+                   + metrics_table_markdown(r.metrics))
+
+
+def split_section(r: Inputs) -> Section:
+    return Section("Split", split_markdown(r.per_class))
+
+
+def per_class_section(r: Inputs) -> Section:
+    path, link = _figure(r, "Per-class IoU", "per_class_iou.png")
+    plot_per_class_iou(r.per_class, path)
+    return Section("Per-class IoU", "Sorted by split (base, novel), then IoU.\n\n"
+                   + per_class_table_markdown(sort_per_class(r.per_class)) + "\n" + link, {"Per-class IoU": path})
+
+
+def training_section(r: Inputs) -> Section:
+    path, link = _figure(r, "Training curve", "train_curve.png")
+    plot_training_curve(r.curve, path, r.smoothing)
+    return Section("Training curve", "Total loss and each (unweighted) loss term of the main model.\n\n" + link,
+                   {"Training curve": path})
+
+
+def reference_section(r: Inputs) -> Section | None:
+    text = reference_bound_markdown(r.dataset, r.metrics)
+    return Section("Reference bound", text) if text else None
+
+
+def retrain_section(r: Inputs) -> Section | None:
+    if not r.retrain:
+        return None
+    return Section("Pseudo-label retraining", (
+        "The train set relabelled by the model above (novel pixels whose predicted class is in the image's labels, "
+        "base pixels from ground truth), then a fully supervised retraining on those labels. "
+        f"{r.retrain.get('pseudo_novel_precision', float('nan')):.1f}% of pseudo-labelled novel pixels agree with "
+        "the ground truth.\n\n" + metrics_table_markdown(r.retrain)))
+
+
+def ablation_section(r: Inputs) -> Section | None:
+    g = r.grid
+    if g is None:
+        return None
+    notes = ab.ablation_notes(g.table, g.iterations, r.run.get("iterations"))
+    novel = ab.novel_class_iou(g.cells_dir, g.variants)
+    bars, bars_link = _figure(r, "Novel-class IoU per variant", "novel_class_iou.png")
+    curves, curves_link = _figure(r, "Training curves per variant", "variant_curves.png")
+    ab.plot_novel_class_iou(novel, bars)
+    ab.plot_variant_curves(g.cells_dir, g.variants, curves, r.smoothing)
+    text = (ab.ablation_markdown(g.table, r.dataset, notes=notes) + "\nNovel-class IoU (percent, mean over seeds):"
+            "\n\n" + ab.novel_class_markdown(novel) + "\n" + bars_link + "\n" + curves_link)
+    return Section("Ablation", text, {"Novel-class IoU per variant": bars, "Training curves per variant": curves})
+
+
+def qualitative_section(r: Inputs) -> Section | None:
+    if r.qualitative is None:
+        return None
+    import torch
+
+    from ..data.catalog import load_class_table
+    from ..data.dataset import read_image, read_label
+    from ..engine.evaluate import load_trained
+    from .qualitative import qualitative_figure
+
+    model_path, dataset_dir, index = r.qualitative
+    model, _, split = load_trained(model_path, torch.device("cpu"))
+    table = load_class_table(dataset_dir)
+    images = []
+    for e in index["test"][:3]:
+        img = read_image(dataset_dir / e["image"])
+        images.append((Path(e["image"]).stem, img, read_label(dataset_dir / e["label"], img.shape[:2])))
+    path, link = _figure(r, "Qualitative results", "qualitative.png")
+    qualitative_figure(model, images, [c["name"] for c in table], [c["color"] for c in table], split["novel"],
+                       path, top_k=3, device=torch.device("cpu"))
+    return Section("Qualitative results", "Image, ground truth, prediction, and the three most confident "
+                   "proposals (class, score, binary mask; * = novel class).\n\n" + link, {"Qualitative results": path})
+
+
+def sections(r: Inputs) -> list[Section]:
+    found = [run_section(r), metrics_section(r), split_section(r), per_class_section(r), training_section(r),
+             reference_section(r), retrain_section(r), ablation_section(r), qualitative_section(r)]
+    return [s for s in found if s is not None]
+
+
+def to_markdown(title: str, parts: list[Section]) -> str:
+    return f"# {title}\n\n" + "\n".join(f"## {s.heading}\n\n{s.markdown.rstrip()}\n" for s in parts)
+
+
+def write_report(r: Inputs, md: Path, html: Path | None = None, ablation_md: Path | None = None,
+                 ablation_json: Path | None = None) -> list[Section]:
+    """Build every section, write the files asked for, and return the sections."""
+    r.figures_dir.mkdir(parents=True, exist_ok=True)
+    parts = sections(r)
+    write_text(md, to_markdown(r.title, parts))
+    if html is not None:
+        write_text(html, render_html(r.title, [(s.heading, s.markdown) for s in parts],
+                                     {k: v for s in parts for k, v in s.figures.items()}))
+    grid = [s for s in parts if s.heading == "Ablation"]
+    if ablation_md is not None and grid:
+        write_text(ablation_md, to_markdown(f"{r.title}: ablation", grid))
+    if ablation_json is not None and r.grid is not None:
+        write_json(ablation_json, ab.ablation_summary(r.grid.table))
+    return parts
