@@ -21,11 +21,12 @@ import copy
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .config import ConfigError, Params, build_params, params_hash
 
+# the variants of the paper's ablation, declared in params.yaml (ablation.run picks those trained)
 REQUIRED_VARIANTS = ("baseline", "+complementary", "+similarity", "full", "oracle")
 
 
@@ -33,7 +34,8 @@ REQUIRED_VARIANTS = ("baseline", "+complementary", "+similarity", "full", "oracl
 class Ablation:
     seeds: tuple[int, ...]
     iterations: int
-    variants: dict[str, dict]
+    variants: dict[str, dict]        # the variants trained (``ablation.run``), in that order
+    declared: dict[str, dict] = field(default_factory=dict)   # every variant of ``ablation.variants``
 
     def cells(self) -> list[tuple[str, int]]:
         """(variant, seed) in the order DVC's matrix expands them: variants outer, seeds inner."""
@@ -48,7 +50,7 @@ def cell_key(variant: str, seed: int) -> str:
 def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
     """Validate the ``ablation`` group (structure only; overrides are checked by :func:`cell_params`)."""
     raw = dict(raw or {})
-    allowed = {"seeds", "iterations", "variants"}
+    allowed = {"seeds", "iterations", "variants", "run"}
     for k in raw:
         if k not in allowed:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
@@ -76,7 +78,17 @@ def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
         if ov is not None and not isinstance(ov, Mapping):
             raise ConfigError(f"params key 'ablation.variants.{name}': expected a mapping of params groups to "
                               f"overrides (e.g. {{loss: {{comp_weight: 0.0}}}}), got {ov!r}")
-    return Ablation(tuple(seeds), iterations, {k: dict(v or {}) for k, v in variants.items()})
+    run = raw["run"]
+    if not isinstance(run, list) or not run or not all(isinstance(v, str) for v in run):
+        raise ConfigError(f"params key 'ablation.run': expected a non-empty list of variant names, got {run!r}")
+    if len(set(run)) != len(run):
+        raise ConfigError(f"params key 'ablation.run': {run!r} repeats a variant")
+    unknown = [v for v in run if v not in variants]
+    if unknown:
+        raise ConfigError(f"params key 'ablation.run': {unknown[0]!r} is not a variant of ablation.variants; "
+                          f"declared: {', '.join(variants)}")
+    return Ablation(tuple(seeds), iterations, {k: dict(variants[k] or {}) for k in run},
+                    {k: dict(v or {}) for k, v in variants.items()})
 
 
 def _merge(base: dict, over: Mapping, where: str) -> dict:
@@ -93,12 +105,13 @@ def _merge(base: dict, over: Mapping, where: str) -> dict:
 
 def cell_params(main_raw: Mapping[str, Any], ablation: Ablation, variant: str, seed: int) -> Params:
     """The validated params of one grid cell."""
-    if variant not in ablation.variants:
+    declared = ablation.declared or ablation.variants
+    if variant not in declared:
         raise ConfigError(f"ablation variant '{variant}' is not in ablation.variants; allowed: "
-                          + ", ".join(ablation.variants))
+                          + ", ".join(declared))
     main = {k: v for k, v in dict(main_raw).items() if k != "ablation"}
     try:
-        merged = _merge(main, ablation.variants[variant], "")
+        merged = _merge(main, declared[variant], "")
     except ConfigError as e:
         raise ConfigError(f"ablation variant '{variant}': {e}") from None
     merged = _merge(merged, {"base": {"seed": seed}}, "")

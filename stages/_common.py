@@ -63,7 +63,7 @@ def load_params_raw(path: Path) -> tuple[Params, str, dict]:
     if "ablation" in raw:
         from pipeline.ablation import cell_params, parse_ablation
         grid = parse_ablation(raw["ablation"])
-        for variant in grid.variants:
+        for variant in grid.declared:
             cell_params(raw, grid, variant, grid.seeds[0])
     return params, text, raw
 

@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     from pipeline.engine.pretrain import initial_state, pretrain
-    from pipeline.engine.train import resolve_device
+    from pipeline.engine.device import resolve_device
     from pipeline.io import atomic_path
     if p.model.pretrained != "weak_shot":
         with atomic_path(args.out) as tmp:

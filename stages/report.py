@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--retrain-metrics", type=Path, default=None,
                     help="metrics JSON of the pseudo-label retraining (retrain stage), if any")
     ap.add_argument("--cells", type=Path, default=None, help="ablation cells folder (ablate stages)")
+    ap.add_argument("--baselines", type=Path, default=None, help="trivial baselines JSON (baselines stage)")
     ap.add_argument("--out", type=Path, required=True, help="report markdown to write")
     ap.add_argument("--ablation-md", type=Path, default=None, help="ablation markdown to write")
     ap.add_argument("--ablation-json", type=Path, default=None, help="ablation summary JSON (DVC metrics) to write")
@@ -35,17 +36,19 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import tracking
-    from pipeline.ablation import cell_runs, grid_hash, parse_ablation, sync_grid
+    from pipeline.ablation import cell_params, cell_runs, grid_hash, parse_ablation, sync_grid
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
-    grid = None
+    grid, pp_weights = None, {}
     if args.cells is not None and "ablation" in raw:
         g = parse_ablation(raw["ablation"])
         variants = list(g.variants)
         cells = ab.grid_cells(args.cells, g.cells())
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
         grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations)
+        pp_weights = {v: cell_params(raw, g, v, g.seeds[0]).loss.pp_weight for v in variants
+                      if v == "full" or v.startswith("pp") or v == "+complementary"}
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)
     retrain = (read_json(args.retrain_metrics).get("retrain") if args.retrain_metrics and args.retrain_metrics.is_file()
                else None)
@@ -56,7 +59,9 @@ def main() -> None:
         run={"commit": tracking.git_commit(Path.cwd()), "experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "iterations": p.train.iterations,
              "seed": p.base.seed, "changed": changed_params(args.params, raw)},
-        qualitative=(args.model, args.dataset_dir, read_json(args.split_dir / "index.json")) if have_model else None)
+        qualitative=(args.model, args.dataset_dir, read_json(args.split_dir / "index.json")) if have_model else None,
+        baselines=read_json(args.baselines) if args.baselines and args.baselines.is_file() else None,
+        pp_weights=pp_weights)
     write_report(inputs, args.out, args.html, args.ablation_md, args.ablation_json)
 
     if grid is not None and not args.no_mlflow:

@@ -12,18 +12,36 @@ from tests.conftest import ROOT
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def test_default_grid_has_the_required_variants_and_two_seeds():
+def test_default_grid_declares_the_paper_variants_and_trains_the_ordered_ones_over_three_seeds():
     grid = parse_ablation(RAW["ablation"])
-    assert list(grid.variants) == list(REQUIRED_VARIANTS)
-    assert len(grid.seeds) >= 2
+    assert set(REQUIRED_VARIANTS) <= set(grid.declared)
+    assert list(grid.variants) == ["baseline", "+complementary", "full", "oracle"]      # ablation.run
+    assert len(grid.seeds) >= 3
     assert grid.cells()[:2] == [("baseline", grid.seeds[0]), ("baseline", grid.seeds[1])]
+    # the sweep variants differ from full SimFormer only by the DistLoss weight
+    for name, w in (("pp0_1", 0.1), ("pp1", 1.0), ("pp3", 3.0)):
+        assert cell_params(RAW, grid, name, 6).loss.pp_weight == w
+        assert cell_params(RAW, grid, name, 6).loss.comp_weight == cell_params(RAW, grid, "full", 6).loss.comp_weight
+
+
+@pytest.mark.parametrize("run, message", [
+    ([], "'ablation.run': expected a non-empty list of variant names"),
+    (["full", "full"], "'ablation.run': ['full', 'full'] repeats a variant"),
+    (["ful"], "'ablation.run': 'ful' is not a variant of ablation.variants"),
+    ([0.3], "'ablation.run': expected a non-empty list of variant names, got [0.3]"),
+])
+def test_bad_run_list_names_the_key(run, message):
+    with pytest.raises(ConfigError) as e:
+        parse_ablation({"seeds": [6], "iterations": 0, "run": run, "variants": {"full": {}}})
+    assert message in str(e.value)
 
 
 def test_cell_params_apply_overrides_seed_and_iterations():
     grid = parse_ablation(RAW["ablation"])
     base = cell_params(RAW, grid, "baseline", 7)
     assert (base.loss.comp_weight, base.loss.sim_weight, base.loss.pp_weight) == (0.0, 0.0, 0.0)
-    assert base.base.seed == 7 and base.train.iterations == grid.iterations
+    assert base.base.seed == 7
+    assert base.train.iterations == (grid.iterations or RAW["train"]["iterations"])   # 0 = the main length
     assert base.loss.cls_weight == RAW["loss"]["cls_weight"]           # untouched keys stay
     oracle = cell_params(RAW, grid, "oracle", 6)
     assert oracle.loss.oracle is True
@@ -40,12 +58,12 @@ def test_full_cell_shares_main_training_only_when_params_equal():
 
 
 @pytest.mark.parametrize("ablation, message", [
-    ({"seeds": [6, 6], "iterations": 0, "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
-    ({"seeds": "6", "iterations": 0, "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
-    ({"seeds": [6], "iterations": 0, "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
-    ({"seeds": [6], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
+    ({"seeds": [6, 6], "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
+    ({"seeds": "6", "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
+    ({"seeds": [6], "iterations": 0, "run": ["a b"], "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
+    ({"seeds": [6], "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
     ({"seeds": [6], "variant": {}}, "unknown params key 'ablation.variant'. Did you mean 'ablation.variants'?"),
-    ({"seeds": [6], "iterations": -1, "variants": {"a": {}}}, "'ablation.iterations': expected an integer >= 0"),
+    ({"seeds": [6], "iterations": -1, "run": ["a"], "variants": {"a": {}}}, "'ablation.iterations': expected an integer >= 0"),
 ])
 def test_bad_grid_structure(ablation, message):
     with pytest.raises(ConfigError) as e:
@@ -54,7 +72,8 @@ def test_bad_grid_structure(ablation, message):
 
 
 def test_bad_override_names_variant_and_key():
-    grid = parse_ablation({"seeds": [6], "iterations": 0, "variants": {"typo": {"loss": {"pp_wieght": 0.5}}}})
+    grid = parse_ablation({"seeds": [6], "iterations": 0, "run": ["typo"],
+                           "variants": {"typo": {"loss": {"pp_wieght": 0.5}}}})
     with pytest.raises(ConfigError) as e:
         cell_params(RAW, grid, "typo", 6)
     assert str(e.value).startswith("ablation variant 'typo': unknown params key 'loss.pp_wieght'")

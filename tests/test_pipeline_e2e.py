@@ -28,7 +28,7 @@ TINY = {
     "pseudo": {"enabled": True, "iterations": 2},
 }
 # Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training.
-TINY_ABLATION = {"seeds": [3, 4], "iterations": 0,
+TINY_ABLATION = {"seeds": [3, 4], "iterations": 0, "run": ["baseline", "full"],
                  "variants": {"baseline": {"loss": {"comp_weight": 0.0, "sim_weight": 0.0, "pp_weight": 0.0}},
                               "full": {}}}
 

@@ -104,6 +104,8 @@ def loss_gradient_norms(losses: Mapping[str, torch.Tensor], weight_dict: Mapping
     reach ``params`` (SimLoss reads detached features) has norm 0.
     """
     params = [q for q in params if q.requires_grad]
+    if not params:
+        raise ValueError("loss_gradient_norms: no parameter requires a gradient")
     grouped: dict[str, torch.Tensor] = {}
     for name, value in losses.items():
         stem = name.rstrip("0123456789").rstrip("_") if name[-1].isdigit() else name
@@ -145,7 +147,10 @@ def similarity_diagnostics(base_ids: torch.Tensor, novel_ids: torch.Tensor, seed
             gen = torch.Generator().manual_seed(seed * 7_919 + state.step)
             outputs = model(images)
             losses = criterion(outputs, targets, gen)
-            out = loss_gradient_norms(losses, criterion.weight_dict, model.pixel_decoder.parameters())
+            # on the pixel decoder; when it is frozen (train.freeze), on the trainable rest of the model
+            params = [q for q in model.pixel_decoder.parameters() if q.requires_grad] or \
+                [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("backbone.")]
+            out = loss_gradient_norms(losses, criterion.weight_dict, params)
             simnet = getattr(getattr(criterion, "similarity", None), "simnet", None)
             out.update(novel_pair_auc(simnet, outputs, targets, novel_ids, points, gen))
         finally:

@@ -107,7 +107,7 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         if state.step % t.log_interval == 0 or state.step == t.iterations:
             means, images_per_s = window.flush()                    # the CPU-GPU sync point
             rec = {"step": state.step, **means, "lr": state.optimizer.param_groups[0]["lr"],
-                   "images_per_s": images_per_s}
+                   "images_per_s": images_per_s, "seconds": time.perf_counter() - t0}
             if diagnostics is not None:          # per-log-interval diagnostics join the record
                 rec.update(_diagnose(diagnostics, state, batch, device))
             state.history.append(rec)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..io import write_json, write_text
 from . import ablation as ab
+from . import evidence as ev
 from .figures import plot_per_class_iou, plot_training_curve
 from .html import render_html
 from .tables import (metrics_table_markdown, per_class_table_markdown, reference_bound_markdown, sort_per_class,
@@ -25,6 +26,10 @@ from .tables import (metrics_table_markdown, per_class_table_markdown, reference
 REPRODUCIBILITY = ("Rerunning this commit with the same params on the same machine and the same number of torch "
                    "threads gives bit-identical numbers; another CPU (or thread count) gives different ones, "
                    "because floating-point sums are ordered differently (README, *Reproducibility*).")
+
+
+GRID_SECTIONS = ("Trivial baselines", "Ablation", "Paired differences", "DistLoss weight sweep",
+                 "Similarity diagnostics")
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Inputs:
     retrain: dict | None = None                     # retrain stage's metrics (None or {} when off)
     grid: Grid | None = None
     qualitative: tuple[Path, Path, dict] | None = None  # model file, dataset folder, index.json
+    baselines: dict | None = None                   # the baselines stage's JSON (trivial baselines)
+    pp_weights: dict[str, float] = field(default_factory=dict)   # grid variant -> loss.pp_weight (the sweep)
 
 
 def _figure(r: Inputs, caption: str, name: str) -> tuple[Path, str]:
@@ -90,6 +97,20 @@ def metrics_section(r: Inputs) -> Section:
     return Section("Metrics", "Percent, from one confusion matrix over the test set; classes absent from both "
                               "prediction and ground truth are left out of the means.\n\n"
                    + metrics_table_markdown(r.metrics))
+
+
+def baselines_section(r: Inputs) -> Section | None:
+    if not r.baselines:
+        return None
+    models = {"main model (this report)": r.metrics}
+    if r.grid is not None:
+        t = r.grid.table.set_index("variant")
+        for v in t.index:
+            models[f"grid: {v} (mean of {int(t.loc[v, 'n'])} seeds)"] = {
+                "mIoU": t.loc[v, "mIoU_mean"], "mIoU_base": t.loc[v, "mIoU_base_mean"],
+                "mIoU_novel": t.loc[v, "mIoU_novel_mean"], "hIoU": t.loc[v, "hIoU_mean"]}
+    return Section("Trivial baselines", "A model is worth reporting only well above these.\n\n"
+                   + ev.baselines_markdown(r.baselines, models))
 
 
 def split_section(r: Inputs) -> Section:
@@ -140,6 +161,45 @@ def ablation_section(r: Inputs) -> Section | None:
     return Section("Ablation", text, {"Novel-class IoU per variant": bars, "Training curves per variant": curves})
 
 
+def paired_section(r: Inputs) -> Section | None:
+    g = r.grid
+    if g is None:
+        return None
+    cells = ab.grid_cells(g.cells_dir, [(v, s) for v in g.variants for s in g.seeds])
+    return Section("Paired differences", ev.paired_markdown(ev.paired_table(cells)) + "\nHow long each run "
+                   "trained (a cell reused from the main training shows the main model's time):\n\n"
+                   + ev.training_time_markdown(cells, r.curve))
+
+
+def sweep_section(r: Inputs) -> Section | None:
+    g = r.grid
+    weights = {v: w for v, w in r.pp_weights.items() if g is not None and v in g.variants}
+    if len(weights) < 3:
+        return None
+    cells = ab.grid_cells(g.cells_dir, [(v, s) for v in g.variants for s in g.seeds])
+    sweep = ev.sweep_frame(cells, weights)
+    path, link = _figure(r, "Novel and base mIoU against the DistLoss weight", "pp_weight_sweep.png")
+    ev.plot_sweep(sweep, path)
+    return Section("DistLoss weight sweep", "Full SimFormer with only `loss.pp_weight` changed (`+complementary` "
+                   "trains the same model as pp_weight 0: SimLoss alone reads detached features and changes no "
+                   "weight of the model). Mean ± std over seeds.\n\n" + ev.sweep_markdown(sweep) + "\n" + link,
+                   {"DistLoss weight sweep": path})
+
+
+def diagnostics_section(r: Inputs) -> Section | None:
+    g = r.grid
+    if g is None:
+        return None
+    cells = ab.grid_cells(g.cells_dir, [(v, s) for v in g.variants for s in g.seeds])
+    diag = ev.diagnostics_frame(cells, g.variants)
+    if diag.empty:
+        return None
+    path, link = _figure(r, "AUC on novel pixel pairs during training", "similarity_auc.png")
+    ev.plot_diagnostics(diag, path)
+    return Section("Similarity diagnostics", ev.diagnostics_markdown(diag) + "\n" + link,
+                   {"Similarity diagnostics": path})
+
+
 def qualitative_section(r: Inputs) -> Section | None:
     if r.qualitative is None:
         return None
@@ -165,8 +225,9 @@ def qualitative_section(r: Inputs) -> Section | None:
 
 
 def sections(r: Inputs) -> list[Section]:
-    found = [run_section(r), metrics_section(r), split_section(r), per_class_section(r), training_section(r),
-             reference_section(r), retrain_section(r), ablation_section(r), qualitative_section(r)]
+    found = [run_section(r), metrics_section(r), baselines_section(r), split_section(r), per_class_section(r),
+             training_section(r), reference_section(r), retrain_section(r), ablation_section(r), paired_section(r),
+             sweep_section(r), diagnostics_section(r), qualitative_section(r)]
     return [s for s in found if s is not None]
 
 
@@ -183,7 +244,7 @@ def write_report(r: Inputs, md: Path, html: Path | None = None, ablation_md: Pat
     if html is not None:
         write_text(html, render_html(r.title, [(s.heading, s.markdown) for s in parts],
                                      {k: v for s in parts for k, v in s.figures.items()}))
-    grid = [s for s in parts if s.heading == "Ablation"]
+    grid = [s for s in parts if s.heading in GRID_SECTIONS]
     if ablation_md is not None and grid:
         write_text(ablation_md, to_markdown(f"{r.title}: ablation", grid))
     if ablation_json is not None and r.grid is not None:

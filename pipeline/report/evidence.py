@@ -163,8 +163,9 @@ def diagnostics_markdown(diag: pd.DataFrame) -> str:
         lines.append(f"| {v} | {step} | " + " | ".join(_f(r[k], 3) for k in cols) + " |")
     return ("Measured on the training batch of the logged step (ground truth used only to measure): AUC of "
             "SimNet's similarity and of the student's ReLU(cos) on pixel pairs of novel classes (1 = perfect "
-            "ranking, 0.5 = chance), and each loss's weighted gradient norm on the pixel decoder (0 when the "
-            "pixel decoder is frozen or the loss reads detached features). DistLoss can teach the student only "
+            "ranking, 0.5 = chance), and each loss's weighted gradient norm on the pixel decoder (with "
+            "`train.freeze: encoder`, on the trainable transformer decoder and heads instead; 0 when the loss reads "
+            "detached features). DistLoss can teach the student only "
             "where SimNet's AUC exceeds the student's.\n\n" + "\n".join(lines) + "\n")
 
 
@@ -186,3 +187,29 @@ def plot_diagnostics(diag: pd.DataFrame, out_png) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(out_png)
+
+
+# ----------------------------------------------------------------------------- how long each run trained
+def training_time_markdown(cells: pd.DataFrame, main_curve: pd.DataFrame | None = None) -> str:
+    """Steps and wall time of the main model and of each variant's cells (the ``seconds`` of the
+    last curve row: time in the process that finished the run)."""
+    def last(c: pd.DataFrame):
+        if c is None or c.empty or "seconds" not in c:
+            return None, None
+        return int(c["step"].iloc[-1]), float(c["seconds"].iloc[-1])
+    lines = ["| run | steps | training time (s) |", "|---|---|---|"]
+    s, t = last(main_curve)
+    if s is not None:
+        lines.append(f"| main model | {s} | {t:.0f} |")
+    for v, sub in cells.groupby("variant", sort=False):
+        times, steps = [], set()
+        for d in sub["cell_dir"]:
+            path = Path(d) / "curve.csv"
+            st, tt = last(pd.read_csv(path)) if path.is_file() else (None, None)
+            if st is not None:
+                steps.add(st)
+                times.append(tt)
+        if times:
+            lines.append(f"| {v} ({len(times)} cells) | {', '.join(map(str, sorted(steps)))} | "
+                         f"{sum(times) / len(times):.0f} mean ({min(times):.0f}-{max(times):.0f}) |")
+    return "\n".join(lines) + "\n"
