@@ -37,7 +37,7 @@ from tqdm import tqdm
 from pipeline.data.sources import ADE20K_SPLITS, COCO_SPLITS, get_source
 from pipeline.io import atomic_dir, write_json
 
-IGNORE = 255
+from pipeline.data import IGNORE
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _CLASSES_JSON = Path(__file__).with_name("classes.json")
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..engine.metrics import SUMMARY_KEYS
 from .figures import _new_figure, _read_curve, _save, _smooth
 from .tables import PER_CLASS_COLUMNS, REFERENCE_BOUNDS, fmt_pct, is_missing, markdown_table
 
@@ -33,7 +34,6 @@ ABLATION_METRICS = (
     ("mIoU", "mIoU"),
     ("hIoU", "hIoU"),
 )
-SUMMARY_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc", "mAcc", "fwIoU")
 CELL_FILES = ("cell.json", "metrics.json", "per_class_iou.csv", "curve.csv")
 
 
