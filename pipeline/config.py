@@ -31,6 +31,8 @@ FREEZE = ("none", "backbone", "encoder")
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "dist_backend")
+# Top-level params groups that are not typed here (validated by pipeline/ablation.py).
+EXTRA_TOP_LEVEL: tuple[str, ...] = ("ablation",)
 
 
 class ConfigError(ValueError):
@@ -317,13 +319,10 @@ def check_world_batch(p: Params, world: int, what: str) -> None:
                           f"loss.pp_weight > 0 (image pairs are never split across processes)")
 
 
-def build_params(raw: Mapping[str, Any] | None, groups: typing.Iterable[str] | None = None) -> Params:
-    """Validate a params mapping and build :class:`Params`.
-
-    ``groups`` restricts unknown-top-level-key checking to nothing extra: top-level keys
-    that are not params groups of this project (for example ``ablation``, owned by other
-    tools) are accepted only when listed in ``EXTRA_TOP_LEVEL``.
-    """
+def build_params(raw: Mapping[str, Any] | None) -> Params:
+    """Validate a params mapping (the parsed params file: every key set) and build :class:`Params`.
+    Top-level groups that are not typed here are accepted when listed in :data:`EXTRA_TOP_LEVEL`
+    (``ablation``: validated by ``pipeline/ablation.py``)."""
     raw = dict(raw or {})
     unknown = [k for k in raw if k not in GROUPS and k not in EXTRA_TOP_LEVEL]
     if unknown:
@@ -341,9 +340,6 @@ def build_params(raw: Mapping[str, Any] | None, groups: typing.Iterable[str] | N
     _check_cross(p)
     return p
 
-
-# Top-level params groups read by tools other than the typed config (validated elsewhere).
-EXTRA_TOP_LEVEL: tuple[str, ...] = ("ablation",)
 
 
 def to_dict(obj) -> dict:

@@ -65,28 +65,18 @@ def test_similarity_targets_hand_made():
                               [True, False, False]]
 
 
-def test_class_balanced_bce_hand_value_dict_stats():
-    stats = {"pos": 2.0, "neg": 6.0}
-    prob = torch.tensor([0.8, 0.4, 0.9])
-    target = torch.tensor([1.0, 0.0, 0.0])
-    valid = torch.tensor([True, True, False])
-    loss = class_balanced_bce(prob, target, valid, stats)
-    # this call: 1 positive, 1 negative -> totals pos 3, neg 7 (of 10)
-    assert stats == {"pos": 3.0, "neg": 7.0}
-    w_pos, w_neg = 7 / 10, 3 / 10
-    expected = (w_pos * -math.log(0.8) + w_neg * -math.log(1 - 0.4)) / 2     # = 0.154724...
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert expected == pytest.approx(0.1547241, rel=1e-5)
-
-
-def test_class_balanced_bce_module_stats_and_no_valid():
+def test_class_balanced_bce_hand_value_and_no_valid():
     st = SimilarityStats()
     st.pos.fill_(2.0)
     st.neg.fill_(6.0)
     loss = class_balanced_bce(torch.tensor([0.8, 0.4, 0.9]), torch.tensor([1.0, 0.0, 0.0]),
                               torch.tensor([True, True, False]), st)
+    # this call: 1 positive, 1 negative -> totals pos 3, neg 7 (of 10)
     assert (st.pos.item(), st.neg.item()) == (3.0, 7.0)
-    assert loss.item() == pytest.approx((0.7 * -math.log(0.8) + 0.3 * -math.log(0.6)) / 2, rel=1e-5)
+    w_pos, w_neg = 7 / 10, 3 / 10
+    expected = (w_pos * -math.log(0.8) + w_neg * -math.log(1 - 0.4)) / 2     # = 0.154724...
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.1547241, rel=1e-5)
     assert set(st.state_dict()) == {"pos", "neg"}
     fresh = SimilarityStats()
     z = class_balanced_bce(torch.tensor([0.3]), torch.tensor([1.0]), torch.tensor([False]), fresh)

@@ -116,8 +116,9 @@ def data_files(module: Path) -> set[Path]:
 
 
 def _no_code(path: Path) -> bool:
-    """A module of a docstring and constants only (``__version__ = ...``) computes nothing."""
-    return all(isinstance(n, (ast.Expr, ast.Assign)) and isinstance(n.value, ast.Constant)
+    """A module of a docstring and ``__dunder__`` constants only (``__version__``) computes nothing."""
+    return all((isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) or
+               (isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id.startswith("__") for t in n.targets))
                for n in ast.parse(path.read_text()).body)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE = 255
+from . import IGNORE
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from pipeline.data.sources import ADE20K_SPLITS, COCO_SPLITS, get_source
 from pipeline.io import atomic_dir, write_json
 
-IGNORE = 255
+from pipeline.data import IGNORE
+
 SUMMARY_FILE = "preparation.json"  # the summary below, kept beside classes.json (read by reports)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _CLASSES_JSON = Path(__file__).with_name("classes.json")

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-IGNORE = 255
+from . import IGNORE
 
 
 def pseudo_label(pred: np.ndarray, gt: np.ndarray, base_ids: Iterable[int], image_novel_ids: Iterable[int]) -> np.ndarray:

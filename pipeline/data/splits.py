@@ -19,13 +19,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data import catalog
+from pipeline.data import IGNORE, catalog
 from pipeline.io import atomic_dir, write_json
 
 IMAGE_DIR = "images_detectron2"
 LABEL_DIR = "annotations_detectron2"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IGNORE = 255
 REASON_ALL_IGNORE = "label is all 255 (ignore)"
 REASON_EXCLUDED = "listed in splits.json excluded_train_images"
 

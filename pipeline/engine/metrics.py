@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..data import IGNORE
+
 SUMMARY_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc", "mAcc", "fwIoU")
 
 
@@ -35,7 +37,7 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
     """``num_classes x num_classes`` int64 confusion matrix (rows = ground truth, cols = prediction).
 
     ``pred`` and ``gt`` are integer arrays (numpy or torch) of the same shape. Ground-truth
@@ -73,7 +75,7 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255) -> np.
 class ConfusionMatrix:
     """Accumulates :func:`confusion_matrix` over images: ``update(pred, gt)``, then ``.matrix``."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE):
         self.num_classes = int(num_classes)
         self.ignore_index = ignore_index
         self._m = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
@@ -81,9 +83,6 @@ class ConfusionMatrix:
     def update(self, pred, gt) -> "ConfusionMatrix":
         self._m += confusion_matrix(pred, gt, self.num_classes, self.ignore_index)
         return self
-
-    def reset(self) -> None:
-        self._m[:] = 0
 
     @property
     def matrix(self) -> np.ndarray:

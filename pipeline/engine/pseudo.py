@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import Params, params_hash
+from ..data import IGNORE
 from ..data.pseudo_label import pseudo_label
 from ..io import atomic_dir
 from .evaluate import evaluate
@@ -45,7 +46,7 @@ def label_training_set(model: torch.nn.Module, dataset_dir: str | Path, index: d
             stats["images"] += 1
             stats["novel_pixels"] += int(novel.sum())
             stats["novel_correct"] += int((lab[novel] == gt[novel]).sum())
-            stats["ignore_pixels"] += int((lab == 255).sum())
+            stats["ignore_pixels"] += int((lab == IGNORE).sum())
             stats["pixels"] += lab.size
 
         evaluate(model, dataset_dir, entries, split["num_classes"], device, short_edge, max_edge,

@@ -28,15 +28,16 @@ out, and any pair with an ignore/padding pixel is left out.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, MutableMapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.simnet import SimNet
+from ..config import PP_FORMS, PP_PAIRINGS
+from ..data import IGNORE
+from ..model.simnet import SimNet
 
-IGNORE = 255
 _EPS = 1e-6
 
 
@@ -174,18 +175,13 @@ class SimilarityStats(nn.Module):
         self.pos += torch.as_tensor(n_pos, dtype=torch.float64, device=self.pos.device)
         self.neg += torch.as_tensor(n_neg, dtype=torch.float64, device=self.neg.device)
 
-    def reset(self) -> None:
-        self.pos.zero_()
-        self.neg.zero_()
-
 
 def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                       stats: SimilarityStats | MutableMapping[str, Any], normalizer=None) -> torch.Tensor:
+                       stats: SimilarityStats, normalizer=None) -> torch.Tensor:
     """Class-balanced binary cross-entropy of SimLoss.
 
-    First the call's valid positive / negative pair counts are added to ``stats`` (a
-    :class:`SimilarityStats`, or a dict with numbers under ``"pos"`` and ``"neg"``, updated
-    in place). With the running totals ``N+`` and ``N-``::
+    First the call's valid positive / negative pair counts are added to ``stats`` (the
+    running totals ``N+`` and ``N-``)::
 
         w+ = N- / (N+ + N-)     (positives weighted by the negative share)
         w- = N+ / (N+ + N-)     (negatives weighted by the positive share)
@@ -205,15 +201,9 @@ def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Te
     n_pos, n_neg = pos_mask.sum(), neg_mask.sum()
     if normalizer is not None:          # global counts (float64, one all-reduce)
         n_pos, n_neg = normalizer.total(torch.stack([n_pos, n_neg])).unbind(0)
-    if isinstance(stats, SimilarityStats):
-        stats.update(n_pos, n_neg)
-        tot_pos = stats.pos.to(device=prob.device, dtype=torch.float32)
-        tot_neg = stats.neg.to(device=prob.device, dtype=torch.float32)
-    else:
-        stats["pos"] = float(stats.get("pos", 0.0)) + float(n_pos)
-        stats["neg"] = float(stats.get("neg", 0.0)) + float(n_neg)
-        tot_pos = torch.tensor(stats["pos"], dtype=torch.float32, device=prob.device)
-        tot_neg = torch.tensor(stats["neg"], dtype=torch.float32, device=prob.device)
+    stats.update(n_pos, n_neg)
+    tot_pos = stats.pos.to(device=prob.device, dtype=torch.float32)
+    tot_neg = stats.neg.to(device=prob.device, dtype=torch.float32)
     total = (tot_pos + tot_neg).clamp_min(1.0)
     w_pos, w_neg = tot_neg / total, tot_pos / total
     p = prob.clamp(_EPS, 1.0 - _EPS)
@@ -225,7 +215,7 @@ def class_balanced_bce(prob: torch.Tensor, target: torch.Tensor, valid: torch.Te
 
 
 def sim_loss(simnet: SimNet, mask_features: torch.Tensor, targets: Sequence[Mapping[str, torch.Tensor]],
-             base_ids: torch.Tensor, stats: SimilarityStats | MutableMapping[str, Any],
+             base_ids: torch.Tensor, stats: SimilarityStats,
              num_points: int = 100, num_base_points: int = 80,
              generator: torch.Generator | None = None, normalizer=None) -> torch.Tensor:
     """**SimLoss**: SimNet learns pixel-pair similarity from base-class labels.
@@ -302,7 +292,7 @@ def pixel_pair_distillation(teacher: torch.Tensor, student: torch.Tensor, form: 
         sc = s.clamp(_EPS, 1.0 - _EPS)
         loss = -(t * torch.log(sc) + (1.0 - t) * torch.log1p(-sc))
     else:
-        raise ValueError(f"unknown distillation form {form!r}; allowed: cce, ce")
+        raise ValueError(f"unknown distillation form {form!r}; allowed: {', '.join(PP_FORMS)}")
     return loss.mean()
 
 
@@ -345,8 +335,8 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
     ``normalizer`` (multi-process training): the sum over this rank's eligible image pairs is
     divided by ``normalizer(#eligible pairs)`` (their number over the ranks / world_size).
     """
-    if pp_pairing not in ("cross_image", "within_image"):
-        raise ValueError(f"unknown pp_pairing {pp_pairing!r}; allowed: cross_image, within_image")
+    if pp_pairing not in PP_PAIRINGS:
+        raise ValueError(f"unknown pp_pairing {pp_pairing!r}; allowed: {', '.join(PP_PAIRINGS)}")
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     feats = outputs["mask_features"].detach()
     bsz, q, h, w = pred_masks.shape
@@ -419,13 +409,7 @@ class DualSimilarityLoss(nn.Module):
     def __init__(self, mask_dim: int, sim_weight: float = 1.0, pp_weight: float = 0.3,
                  sim_points: int = 100, sim_base_points: int = 80, pp_points: int = 100,
                  pp_form: str = "cce", pp_pairing: str = "cross_image", simnet_width: int = 256):
-        super().__init__()
-        if pp_form not in ("cce", "ce"):
-            raise ValueError(f"unknown pp_form {pp_form!r}; allowed: cce, ce")
-        if pp_pairing not in ("cross_image", "within_image"):
-            raise ValueError(f"unknown pp_pairing {pp_pairing!r}; allowed: cross_image, within_image")
-        if not 0 <= sim_base_points <= sim_points:
-            raise ValueError(f"sim_base_points ({sim_base_points}) must be within 0..sim_points ({sim_points})")
+        super().__init__()      # (pp_form, pp_pairing, sim_base_points: checked where they are used)
         self.simnet = SimNet(mask_dim, simnet_width)
         self.stats = SimilarityStats()
         self.sim_weight = float(sim_weight)

@@ -37,6 +37,7 @@ ABLATION_METRICS = (
     ("hIoU", "hIoU"),
 )
 INSIDE_SPREAD = "†"
+CELL_FILES = ("cell.json", "metrics.json", "per_class_iou.csv", "curve.csv")
 
 
 class AblationError(ValueError):

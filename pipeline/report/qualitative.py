@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..model.maskformer import semantic_inference
 from .figures import _new_figure, _save
 
-IGNORE_INDEX = 255
+from ..data import IGNORE as IGNORE_INDEX
 IGNORE_COLOR = (0, 0, 0)
 
 
