@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+
 import pytest
 import yaml
 
@@ -201,7 +203,10 @@ def test_mlflow_runs_parent_and_children(project: Path):
     keys = metric_keys(project, main_run)
     assert {"loss", "loss_ce", "loss_sim", "loss_pp", "loss_comp", "mIoU", "mIoU_novel", "hIoU"} <= keys
     assert not keys & {"split", "num_classes", "num_valid_classes", "pixels"}     # counts are tags
-    assert tags[main_run]["eval.pixels"] == str(4 * 64 * 64)
+    labelled = sum(int((cv2.imread(str(p), cv2.IMREAD_UNCHANGED) != 255).sum())       # 255: unlabelled clutter
+                   for p in (project / "data/dataset/annotations_detectron2/test").glob("*.png"))
+    assert 0.6 * 4 * 64 * 64 < labelled < 4 * 64 * 64
+    assert tags[main_run]["eval.pixels"] == str(labelled)
     con = sqlite3.connect(project / "mlflow.db")
     params = dict(con.execute("select key, value from params where run_uuid = ?", (main_run,)).fetchall())
     locations = [r[0] for r in con.execute("select artifact_location from experiments where name like 'simformer%'")]
