@@ -151,7 +151,8 @@ class TrainConfig:
     diagnostics_interval: int = _spec(lo=0, help="steps between similarity diagnostics (AUCs, per-loss gradient "
                                                  "norms; a multiple of log_interval; 0 = off)")
     pair_sampling: bool = _spec(help="batches of image pairs sharing a novel class")
-    threads: int = _spec(lo=0, help="torch CPU threads (0 = torch's default)")
+    threads: int = _spec(lo=0, help="torch CPU threads (0 = the cores divided by the trainings running on the "
+                                    "machine)")
     # Multi-process training (DistributedDataParallel under torchrun); batch_size is the global batch.
     nproc_per_node: int = _spec(lo=1, help="training processes per node (one per GPU); > 1 (or nnodes > 1) "
                                            "launches torchrun")

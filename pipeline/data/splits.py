@@ -113,6 +113,14 @@ def scan_label(label_path: str | os.PathLike, image_path: str | os.PathLike, num
     return [int(v) for v in present]
 
 
+def _worker_init() -> None:
+    """A label-scan worker ends on SIGTERM at once (the default action), even while blocked in a
+    lock: the Pool stops its workers with SIGTERM, and a Python-level handler inherited through
+    fork runs only between bytecodes, so a worker waiting on the task queue could hang the stage."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _scan_job(args: tuple[str, str, int]) -> list[int]:
     return scan_label(*args)
 
@@ -163,7 +171,7 @@ def build_split(dataset_dir: str | os.PathLike, dataset: str, split_id: int, wor
     args = [j[2] for j in jobs]
     bar = dict(total=len(args), desc="scan labels", unit="img", disable=not progress)
     if workers > 1 and len(args) > 1:
-        with multiprocessing.get_context().Pool(min(workers, len(args))) as pool:
+        with multiprocessing.get_context().Pool(min(workers, len(args)), initializer=_worker_init) as pool:
             results = list(tqdm(pool.imap(_scan_job, args, chunksize=max(1, min(64, len(args) // (4 * workers)))),
                                 **bar))
     else:
