@@ -161,14 +161,17 @@ def log_trained_model(tracker, model_path: Path, dataset_dir: Path, index: dict,
 
 
 def add_init(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--init", type=Path, required=True,
-                    help="weak-shot initialisation (pretrain stage); read when model.pretrained is weak_shot")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="weak-shot initialisation (pretrain stage); required when model.pretrained is weak_shot")
 
 
 def load_init(path: Path, p: Params) -> dict | None:
     """The pretrain stage's weights when ``model.pretrained`` is ``weak_shot``, else None."""
     if p.model.pretrained != "weak_shot":
         return None
+    if path is None:
+        raise ValueError("model.pretrained is 'weak_shot': pass the pretrain stage's output with --init "
+                         "(dvc.yaml does)")
     import torch
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)

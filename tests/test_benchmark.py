@@ -24,9 +24,10 @@ from tests.conftest import file_params
 TINY = {
     "data": {"crop_size": 64, "synthetic": {"num_train": 16, "num_test": 4, "image_size": 64}},
     "model": {"hidden_dim": 32, "num_queries": 8, "nheads": 2, "dec_layers": 2, "dim_feedforward": 64,
-              "conv_dim": 32, "mask_dim": 32, "gn_groups": 8},
+              "conv_dim": 32, "mask_dim": 32, "gn_groups": 8, "pretrained": "none"},
     "loss": {"sim_points": 10, "sim_base_points": 8, "pp_points": 10},
-    "train": {"batch_size": 4, "threads": 1, "iterations": 2, "log_interval": 1, "checkpoint_interval": 2},
+    "train": {"batch_size": 4, "threads": 1, "iterations": 2, "log_interval": 1, "checkpoint_interval": 2,
+              "freeze": "none"},
 }
 SWITCHES = ("channels_last", "tf32", "fused_adamw", "compile")
 

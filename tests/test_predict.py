@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline import predict as P
-from tests.conftest import ROOT
+from tests.conftest import ROOT, file_params
 from tests.test_prepare_real import _md5, _png
 
 ADE_TRAIN = {  # stem: (height, width) - several sizes, like real photos
@@ -63,10 +63,10 @@ def make_official_ade_zip(path: Path) -> Path:
 TINY_MODEL = {
     "data": {"dataset": "ade20k", "split": 1, "crop_size": 32, "prepare_workers": 1},
     "model": {"hidden_dim": 32, "num_queries": 8, "nheads": 2, "dec_layers": 2, "dim_feedforward": 64,
-              "conv_dim": 32, "mask_dim": 32, "gn_groups": 8},
+              "conv_dim": 32, "mask_dim": 32, "gn_groups": 8, "pretrained": "none"},
     "loss": {"sim_points": 10, "sim_base_points": 8, "pp_points": 10},
     "train": {"iterations": 3, "batch_size": 2, "threads": 1, "device": "cpu", "log_interval": 1,
-              "checkpoint_interval": 3},
+              "checkpoint_interval": 3, "freeze": "none", "diagnostics_interval": 0},
 }
 
 
@@ -88,7 +88,7 @@ def ade_model(tmp_path_factory):
     acquire_dataset("ade20k", root / "dataset", root / "raw", checksum=f"ade20k={_md5(arc)}",
                     archive_dir=str(arc.parent), progress=False, allow_network=False)
     split, index = build_split(root / "dataset", "ade20k", 1, progress=False)
-    p = build_params(TINY_MODEL)
+    p = build_params(file_params(TINY_MODEL))
     model, out = train(p, root / "dataset", split, index, root / "ck.pt", progress=False)
     assert out.steps == 3
     export_model(model, p, split, root / "model.pt", out.history)

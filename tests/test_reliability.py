@@ -40,6 +40,9 @@ def small_params(**groups) -> dict:
     p = tiny_params()
     p["pseudo"]["enabled"] = False
     p["model"]["pretrained"] = "none"       # the loop's own tests; the e2e test drives the pretrain stage
+    p["train"]["freeze"] = "none"            # every part trains (the paper's regime)
+    p["train"]["diagnostics_interval"] = 0   # the e2e test drives the diagnostics; here they would add criterion calls
+    p["data"].update({"scale_min": 0.5, "scale_max": 1.5})   # whole 64 px images fit a crop: novel pairs each step
     p["train"].update({"iterations": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1,
                        "device": "cpu"})
     p["eval"]["device"] = "cpu"
@@ -579,6 +582,9 @@ BAD_PARAMS = [
     ({"pseudo": {"enabled": "maybe"}}, ["'pseudo.enabled'", "expected true or false"]),
     ({"pseudo": {"iterations": -5}}, ["'pseudo.iterations'", "out of range", ">= 0"]),
     ({"pseudo": {"iters": 5}}, ["unknown params key 'pseudo.iters'", "Allowed keys in 'pseudo': enabled, iterations"]),
+    ({"pretrain": {"lr": "fast"}}, ["'pretrain.lr'", "expected a number"]),
+    ({"pretrain": {"iterations": 0}}, ["'pretrain.iterations'", "out of range", ">= 1"]),
+    ({"pretrain": {"iters": 5}}, ["unknown params key 'pretrain.iters'", "Did you mean 'pretrain.iterations'?"]),
     ({"report": {"title": 5}}, ["'report.title'", "expected a string", "5 (int)"]),
     ({"report": {"smoothing": 0}}, ["'report.smoothing'", "out of range", ">= 1"]),
     ({"report": {"smooth": 3}}, ["unknown params key 'report.smooth'", "Did you mean 'report.smoothing'?"]),

@@ -236,7 +236,7 @@ def test_pipeline_imports_without_mlflow(tmp_path):
 
 
 def _cell(variant, seed, **loss):
-    p = build_params({"base": {"seed": seed}, "loss": loss})
+    p = build_params(file_params({"base": {"seed": seed}, "loss": loss}))
     return {"variant": variant, "seed": seed, "params_hash": params_hash(p), "params_flat": flatten(to_dict(p)),
             "params_text": f"# {variant}-{seed}\n", "metrics": {"mIoU": 10.0 + seed, "mIoU_novel": 5.0, "pixels": None}}
 
