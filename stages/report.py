@@ -46,7 +46,7 @@ def main() -> None:
         variants = list(g.variants)
         cells = ab.grid_cells(args.cells, g.cells())
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
-        grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations)
+        grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells)
         pp_weights = {v: cell_params(raw, g, v, g.seeds[0]).loss.pp_weight for v in variants
                       if v == "full" or v.startswith("pp") or v == "+complementary"}
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)

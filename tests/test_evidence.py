@@ -180,3 +180,12 @@ def test_many_images_hold_several_novel_classes():
         with_novel += k >= 1
         several += k >= 2
     assert several / with_novel >= 0.55
+
+
+def test_report_calls_a_model_below_the_colour_baseline_a_quick_look():
+    from pipeline.report.evidence import below_baseline_banner
+    base = {"nearest_colour": {"mIoU": 36.8, "pAcc": 60.7}}
+    text = below_baseline_banner({"mIoU": 18.5, "pAcc": 41.3}, base)
+    assert text.startswith("> **Quick look, not a result:**")
+    assert "mIoU (18.5 < 36.8) and pAcc (41.3 < 60.7)" in text
+    assert below_baseline_banner({"mIoU": 80.0, "pAcc": 90.0}, base) == ""

@@ -139,7 +139,7 @@ def similarity_diagnostics(base_ids: torch.Tensor, novel_ids: torch.Tensor, seed
             return {}
         model, criterion = state.model, state.criterion
         device = next(model.parameters()).device
-        saved = {n: b.detach().clone() for m in (model, criterion) for n, b in m.named_buffers(prefix=str(id(m)))}
+        saved = [(b, b.detach().clone()) for m in (model, criterion) for b in m.buffers()]
         try:
             images = batch["image"].to(device).float()
             sem_seg, valid = batch["sem_seg"].to(device), batch["valid"].to(device)
@@ -155,9 +155,8 @@ def similarity_diagnostics(base_ids: torch.Tensor, novel_ids: torch.Tensor, seed
             out.update(novel_pair_auc(simnet, outputs, targets, novel_ids, points, gen))
         finally:
             with torch.no_grad():
-                for m in (model, criterion):
-                    for n, b in m.named_buffers(prefix=str(id(m))):
-                        b.copy_(saved[n])
+                for b, copy in saved:
+                    b.copy_(copy)
         return out
 
     return hook

@@ -47,6 +47,12 @@ class Grid:
     variants: list[str]
     seeds: list[int]
     iterations: int                                 # training iterations of every cell
+    cells: pd.DataFrame | None = None               # :func:`ablation.grid_cells` (read once by the stage)
+
+    def cell_rows(self) -> pd.DataFrame:
+        if self.cells is None:
+            self.cells = ab.grid_cells(self.cells_dir, [(v, s) for v in self.variants for s in self.seeds])
+        return self.cells
 
 
 @dataclass
@@ -109,8 +115,8 @@ def baselines_section(r: Inputs) -> Section | None:
             models[f"grid: {v} (mean of {int(t.loc[v, 'n'])} seeds)"] = {
                 "mIoU": t.loc[v, "mIoU_mean"], "mIoU_base": t.loc[v, "mIoU_base_mean"],
                 "mIoU_novel": t.loc[v, "mIoU_novel_mean"], "hIoU": t.loc[v, "hIoU_mean"]}
-    return Section("Trivial baselines", "A model is worth reporting only well above these.\n\n"
-                   + ev.baselines_markdown(r.baselines, models))
+    return Section("Trivial baselines", ev.below_baseline_banner(r.metrics, r.baselines)
+                   + "A model is worth reporting only well above these.\n\n" + ev.baselines_markdown(r.baselines, models))
 
 
 def split_section(r: Inputs) -> Section:
@@ -165,7 +171,7 @@ def paired_section(r: Inputs) -> Section | None:
     g = r.grid
     if g is None:
         return None
-    cells = ab.grid_cells(g.cells_dir, [(v, s) for v in g.variants for s in g.seeds])
+    cells = g.cell_rows()
     return Section("Paired differences", ev.paired_markdown(ev.paired_table(cells)) + "\nHow long each run "
                    "trained (a cell reused from the main training shows the main model's time):\n\n"
                    + ev.training_time_markdown(cells, r.curve))
@@ -176,7 +182,7 @@ def sweep_section(r: Inputs) -> Section | None:
     weights = {v: w for v, w in r.pp_weights.items() if g is not None and v in g.variants}
     if len(weights) < 3:
         return None
-    cells = ab.grid_cells(g.cells_dir, [(v, s) for v in g.variants for s in g.seeds])
+    cells = g.cell_rows()
     sweep = ev.sweep_frame(cells, weights)
     path, link = _figure(r, "Novel and base mIoU against the DistLoss weight", "pp_weight_sweep.png")
     ev.plot_sweep(sweep, path)
@@ -190,7 +196,7 @@ def diagnostics_section(r: Inputs) -> Section | None:
     g = r.grid
     if g is None:
         return None
-    cells = ab.grid_cells(g.cells_dir, [(v, s) for v in g.variants for s in g.seeds])
+    cells = g.cell_rows()
     diag = ev.diagnostics_frame(cells, g.variants)
     if diag.empty:
         return None

@@ -46,6 +46,19 @@ def baselines_markdown(baselines: Mapping, models: Mapping[str, Mapping]) -> str
             "images like the models.\n")
 
 
+def below_baseline_banner(metrics: Mapping, baselines: Mapping) -> str:
+    """A warning when the main model does not beat the nearest-mean-colour baseline on mIoU or
+    pixel accuracy: then it is not converged, and every number of the report is a quick look."""
+    nc = baselines["nearest_colour"]
+    worse = [k for k in ("mIoU", "pAcc") if metrics.get(k) is not None and nc.get(k) is not None
+             and metrics[k] < nc[k]]
+    if not worse:
+        return ""
+    return ("> **Quick look, not a result:** the main model is below the nearest-mean-colour baseline on "
+            + " and ".join(f"{k} ({_f(metrics[k])} < {_f(nc[k])})" for k in worse)
+            + ". It has not converged; differences between variants describe this training budget only.\n\n")
+
+
 # ----------------------------------------------------------------------------- paired differences
 def paired_table(cells: pd.DataFrame, comparisons=COMPARISONS, metrics=PAIRED_METRICS,
                  confidence: float = 0.95) -> pd.DataFrame:
