@@ -133,10 +133,9 @@ def shares_main_training(main: Params, cell: Params) -> bool:
 
 
 def cell_runs(main_raw: Mapping[str, Any], ablation: Ablation, metrics: Mapping[tuple[str, int], Mapping]) -> list[dict]:
-    """Per cell, what :func:`pipeline.tracking.sync_grid` needs: ``variant, seed, params_hash,
+    """Per cell, what :func:`sync_grid` needs: ``variant, seed, params_hash,
     params_flat, params_text`` (the effective params) and ``metrics`` (``metrics[(variant, seed)]``)."""
-    from .config import flatten, to_dict
-    from .tracking import params_file_text
+    from .config import flatten, params_file_text, to_dict
     out = []
     for v, s in ablation.cells():
         p = cell_params(main_raw, ablation, v, s)

@@ -359,6 +359,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def params_file_text(p: Params, what: str) -> str:
+    """The params a run used as a params file: a cell's or the retraining's ``params.yaml`` artifact."""
+    import yaml
+    return f"# effective params of {what}\n" + yaml.safe_dump(to_dict(p), sort_keys=False)
+
+
 def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "model", "loss", "train")) -> str:
     """Stable short hash of the groups that determine a trained model (the launch keys of
     ``train``, :data:`LAUNCH_KEYS`, left out)."""

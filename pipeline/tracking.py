@@ -1,29 +1,19 @@
 """MLflow tracking: one store per repository, one experiment per dataset and split.
 
-Store: ``$MLFLOW_TRACKING_URI`` when set (a shared ``mlflow server``, which keeps the
-artifacts), else the embedded one at :func:`store_root` (``$DVC_ROOT``, which DVC sets also
-for ``dvc exp run --temp`` / queued runs in ``.dvc/tmp/exps/...``; else the git top level):
-``<root>/mlflow.db`` and ``<root>/mlartifacts/<experiment>/``. Experiments record that folder
-relative to the root, so a moved or copied repository keeps its artifacts; MLflow resolves it
-from the working directory, so artifacts are written, and read (:func:`using_store`,
-``make ui``), from the root.
+The store is ``$MLFLOW_TRACKING_URI`` (a shared ``mlflow server``) when set, else SQLite at
+``<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts/<experiment>/``, recorded relative to
+the root so that a moved or copied repository keeps them (MLflow is used from the root:
+:func:`using_store`). The root is ``$DVC_ROOT``, which DVC also sets for ``dvc exp run --temp``
+and queued runs executing in ``.dvc/tmp/exps/...``, else the git top level.
 
-Runs, one per trained thing and never rewritten by a later one, are tagged ``params_hash``
-(:func:`pipeline.config.params_hash`). :meth:`RunTracker.start` *resumes* the newest
-unfinished run of the hash (crashed, failed, killed: RUNNING again, ``resume_count`` + 1) and,
-with ``include_finished``, *reopens* a FINISHED one to add evaluation, leaving its status,
-times and resume count alone. Logged params are kept (MLflow forbids changing them), missing
-ones added. A new run gets the flattened params, the caller's ``params.yaml`` text (the run's
-effective params) and the tags ``git_commit``, ``dvc_exp_name``, ``params_hash``. An ablation
-grid's parent and children: :func:`pipeline.ablation.sync_grid`.
-
-Errors: a store that cannot be opened raises :class:`TrackingError` naming it, before any
-work (the SQLite file is probed first: no minutes of retries). Later a failing call is
-retried, then warned about and recorded in ``RunTracker.failures`` (``strict=True`` raises):
-the DVC outputs are the record of truth, MLflow the index. MLflow is imported on use only.
+One run per trained thing, found again by its ``params_hash`` tag: resumed when unfinished, or
+reopened (``include_finished``) to add results, never moved nor its status and times changed.
+Ablation grids link their cells' runs to a parent run: :func:`pipeline.ablation.sync_grid`.
+An unusable store raises :class:`TrackingError` naming it before any work (the SQLite file is
+probed first: no minutes of retries); later a failing call is retried, then warned about and
+recorded in ``RunTracker.failures`` (``strict=True`` raises): the DVC outputs are the record,
+MLflow the index. MLflow is imported on use only.
 """
-from __future__ import annotations
-
 import contextlib
 import logging
 import math
@@ -36,65 +26,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
-
-DB_NAME = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
-UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
+UNFINISHED, ENDED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED"), ("FINISHED", "FAILED", "KILLED")
 _RETRY_SLEEPS = (0.2, 0.5, 1.0)
 
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be opened or written."""
-
-
-# ---------------------------------------------------------------- where the store is
-
-def store_root(cwd: str | os.PathLike | None = None) -> Path:
-    """``$DVC_ROOT`` if set, else the git top level of ``cwd``, else ``cwd`` (absolute)."""
-    env = os.environ.get("DVC_ROOT", "").strip()
-    if env:
-        return Path(env).expanduser().resolve()
-    cwd = Path(cwd) if cwd is not None else Path.cwd()
-    top = _git(cwd, "rev-parse", "--show-toplevel")
-    return Path(top).resolve() if top else cwd.resolve()
-
-
-def db_path(root: str | os.PathLike) -> Path:
-    return Path(root).resolve() / DB_NAME
-
-
-def tracking_uri(root: str | os.PathLike) -> str:
-    """``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<absolute root>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{db_path(root).as_posix()}"
-
-
-def _embedded() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-
-
-def _store_name(root: Path) -> str:
-    return str(db_path(root)) if _embedded() else tracking_uri(root)
-
-
-def experiment_name(dataset: str, split: int | str) -> str:
-    """Also the registered model's name."""
-    return f"simformer-{dataset}-split{split}"
-
-
-def run_name(base: str) -> str:
-    """Short run names: ``base``, then the DVC experiment's name when there is one (never a hash)."""
-    exp = os.environ.get("DVC_EXP_NAME")
-    return f"{base}@{exp}" if exp else base
-
-
-def params_file_text(p, what: str) -> str:
-    """The params a run used (:class:`pipeline.config.Params`) as a params file: a cell's or the
-    retraining's ``params.yaml`` artifact."""
-    import yaml
-
-    from .config import to_dict
-    return f"# effective params of {what}\n" + yaml.safe_dump(to_dict(p), sort_keys=False)
 
 
 def _git(root, *args: str) -> str:
@@ -105,105 +44,97 @@ def _git(root, *args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def git_commit(root: str | os.PathLike) -> str:
+def git_commit(root) -> str:
     """``git rev-parse HEAD`` at ``root``; ``"unknown"`` outside a repository or without git."""
     return _git(root, "rev-parse", "HEAD") or "unknown"
 
 
-# ---------------------------------------------------------------- store access
+def store_root(cwd=None) -> Path:
+    """``$DVC_ROOT`` if set, else the git top level of ``cwd``, else ``cwd`` (absolute)."""
+    if os.environ.get("DVC_ROOT", "").strip():
+        return Path(os.environ["DVC_ROOT"].strip()).expanduser().resolve()
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    return Path(_git(cwd, "rev-parse", "--show-toplevel") or cwd).resolve()
 
-def _probe_store(root: Path, timeout: float) -> None:
-    """Open the SQLite file directly and take (then release) a write lock: fast, clear errors."""
-    db = db_path(root)
-    if not root.is_dir():
-        raise TrackingError(f"MLflow store {db} is unreachable: the store folder {root} does not exist "
-                            "(set DVC_ROOT or run from inside the repository)")
-    if db.exists() and not db.is_file():
-        raise TrackingError(f"MLflow store {db} cannot be opened: the path exists but is not a regular file")
-    try:
-        with contextlib.closing(sqlite3.connect(str(db), timeout=timeout, isolation_level=None)) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-    except sqlite3.Error as e:
-        cause = str(e) + (f" (another process held the database for more than {timeout:g} s)"
-                          if "locked" in str(e) else "")
-        raise TrackingError(f"MLflow store {db} cannot be opened: {cause}") from e
+
+def _server() -> str:        # empty for the embedded store
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+
+
+def tracking_uri(root) -> str:
+    return _server() or f"sqlite:///{(Path(root).resolve() / DB_NAME).as_posix()}"
+
+
+def _store_name(root) -> str:
+    return _server() or str(Path(root).resolve() / DB_NAME)
+
+
+def _from_root(root):        # MLflow resolves relative artifact locations from the working directory
+    return contextlib.nullcontext() if _server() else contextlib.chdir(root)
+
+
+def experiment_name(dataset: str, split: int | str) -> str:
+    """Also the registered model's name."""
+    return f"simformer-{dataset}-split{split}"
+
+
+def run_name(base: str) -> str:
+    """``base``, then the DVC experiment's name when there is one (never a hash)."""
+    return f"{base}@{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else base
 
 
 @contextlib.contextmanager
 def _init_lock(root: Path):
-    """Serialise store creation and experiment creation between processes (POSIX flock)."""
-    try:
-        import fcntl
-        fh = open(root / INIT_LOCK_NAME, "a+")
-    except (ImportError, OSError):
+    """Serialise creating the embedded store and its experiments between processes."""
+    if _server():
         yield
         return
-    with fh:
+    import fcntl
+    with open(root / INIT_LOCK_NAME, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         yield
 
 
-def open_client(root: str | os.PathLike, timeout: float = 30.0):
-    """``mlflow.MlflowClient`` on the store of ``root`` (the embedded one is created on first
-    use); :class:`TrackingError` naming the store when it cannot be opened."""
+def open_client(root, timeout: float = 30.0):
+    """``mlflow.MlflowClient`` on the store of ``root`` (the embedded one is created on first use).
+    The SQLite file is probed (a write lock taken and released) first: a clear error now."""
     root = Path(root).resolve()
+    db, fail = root / DB_NAME, f"MLflow store {_store_name(root)} cannot be opened: "
     try:
         from mlflow import MlflowClient
     except ImportError as e:
-        raise TrackingError(f"MLflow store {_store_name(root)} cannot be opened: mlflow is not installed ({e})") from e
-    for name in ("alembic", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        raise TrackingError(f"{fail}mlflow is not installed ({e})") from e
+    if not _server() and not root.is_dir():
+        raise TrackingError(f"MLflow store {db} is unreachable: the store folder {root} does not exist "
+                            "(set DVC_ROOT or run from inside the repository)")
+    if not _server() and db.exists() and not db.is_file():
+        raise TrackingError(f"{fail}the path exists but is not a regular file")
     try:
-        if not _embedded():
-            client = MlflowClient(tracking_uri=tracking_uri(root))
-            client.search_experiments(max_results=1)         # fails now, not mid-training
-            return client
-        _probe_store(root, timeout)
+        if not _server():
+            with contextlib.closing(sqlite3.connect(str(db), timeout=timeout, isolation_level=None)) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+        for name in ("alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         with _init_lock(root):
-            return MlflowClient(tracking_uri=tracking_uri(root))
-    except TrackingError:
-        raise
+            client = MlflowClient(tracking_uri=tracking_uri(root))
+            client.search_experiments(max_results=1)             # fails now, not mid-training
+            return client
     except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-        raise TrackingError(f"MLflow store {_store_name(root)} cannot be opened: {type(e).__name__}: {e}") from e
-
-
-def experiment_id(client, root: Path, name: str) -> str:
-    """The experiment's id, created (or restored) when needed. In the embedded store its
-    artifact location is ``mlartifacts/<name>``, relative to the root; MLflow itself would
-    store an absolute path, so the row is rewritten right after creation."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    with _init_lock(root):
-        exp = client.get_experiment_by_name(name)     # another process may have made it meanwhile
-        if exp is not None:
-            return exp.experiment_id
-        # custom_model_development: the UI opens on the runs table, not the GenAI overview
-        tags = {"mlflow.experimentKind": "custom_model_development"}
-        if not _embedded():
-            return client.create_experiment(name, tags=tags)
-        eid = client.create_experiment(name, artifact_location=(root / ARTIFACTS_DIR / name).as_uri(), tags=tags)
-        with contextlib.closing(sqlite3.connect(str(db_path(root)), timeout=30)) as conn, conn:
-            conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                         (f"{ARTIFACTS_DIR}/{name}", int(eid)))
-        return eid
+        held = (f" (another process held the database for more than {timeout:g} s)"
+                if isinstance(e, sqlite3.OperationalError) and "locked" in str(e) else "")
+        raise TrackingError(f"{fail}{type(e).__name__}: {e}{held}") from e
 
 
 @contextlib.contextmanager
-def using_store(root: str | os.PathLike):
-    """MLflow's fluent API (``mlflow.pyfunc.load_model("models:/...")``, ``mlflow.search_runs``)
-    on the store of ``root``, from the root (relative artifact locations resolve from there);
-    the process's tracking URI, ``$MLFLOW_TRACKING_URI`` and working directory are restored
-    afterwards (MLflow's ``set_tracking_uri`` also sets the variable, which child processes
-    would inherit)."""
+def using_store(root):
+    """MLflow's fluent API (``mlflow.pyfunc.load_model("models:/...")``, ``mlflow.search_runs``) on
+    the store of ``root``, from the root; restores the tracking URI, ``$MLFLOW_TRACKING_URI`` (which
+    ``set_tracking_uri`` sets, for child processes to inherit) and the working directory."""
     import mlflow
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = tracking_uri(root)
-    with contextlib.chdir(root) if _embedded() else contextlib.nullcontext():
+    before, uri = os.environ.get("MLFLOW_TRACKING_URI"), tracking_uri(root)
+    with _from_root(root):
         mlflow.set_tracking_uri(uri)
         try:
             yield uri
@@ -211,15 +142,11 @@ def using_store(root: str | os.PathLike):
             mlflow.set_tracking_uri(before)
 
 
-def _quote(s: str) -> str:
-    return "'" + str(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def find_runs(client, exp_id: str, filters: Mapping[str, str]) -> list:
     """Active runs of the experiment whose tags equal ``filters``, newest first."""
-    flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in filters.items())
-    return client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                              max_results=1000)
+    quoted = {k: "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'" for k, v in filters.items()}
+    return client.search_runs([exp_id], " and ".join(f"tags.`{k}` = {v}" for k, v in quoted.items()),
+                              order_by=["attributes.start_time DESC"], max_results=1000)
 
 
 def _retrying(fn, *args, **kwargs):
@@ -232,6 +159,11 @@ def _retrying(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def metric_key(name: str) -> str:
+    """``name`` as an MLflow metric / param key (``+complementary`` -> ``plus_complementary``)."""
+    return re.sub(r"[^\w.\- /:]", "_", str(name).replace("+", "plus_"))
+
+
 def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list:
     """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped)."""
     from mlflow.entities import Metric
@@ -241,100 +173,92 @@ def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
-def metric_key(name: str) -> str:
-    """``name`` as an MLflow metric / param key (``+complementary`` -> ``plus_complementary``)."""
-    return re.sub(r"[^\w.\- /:]", "_", str(name).replace("+", "plus_"))
-
-
-# ---------------------------------------------------------------- run tracker
-
 class RunTracker:
-    """One MLflow run of one stage execution::
+    """One MLflow run of one stage execution, ended FINISHED, FAILED on an exception, KILLED on
+    KeyboardInterrupt (a reopened FINISHED run is left as it was)::
 
         with RunTracker(store_root(), experiment_name("synthetic", 1)) as tr:
             tr.start(params_hash(p), "train", flatten(to_dict(p)), params_text, {"stage": "train"})
-            ... tr.log_metrics({"loss": 0.5}, step=10) ...
-        # FINISHED on normal exit, FAILED on an exception, KILLED on KeyboardInterrupt;
-        # a reopened FINISHED run is left as it was
+            tr.log_metrics({"loss": 0.5}, step=10)
     """
 
-    def __init__(self, root: str | os.PathLike, experiment: str, *, timeout: float = 30.0, strict: bool = False):
-        self.root = Path(root).resolve()
-        self.experiment = experiment
-        self.timeout = float(timeout)
-        self.strict = strict
-        self.client = None
-        self.experiment_id: str | None = None
-        self.run_id: str | None = None
-        self.resumed = False        # an interrupted run continued
-        self.reopened = False       # a FINISHED run given more results; its status and times stay
-        self.status: str | None = None
+    def __init__(self, root, experiment: str, *, timeout: float = 30.0, strict: bool = False):
+        self.root, self.experiment, self.timeout, self.strict = Path(root).resolve(), experiment, timeout, strict
+        self.client = self.experiment_id = self.run_id = self.status = None
+        self.resumed = self.reopened = False    # an interrupted run continued / a FINISHED run given more results
         self.failures: list[str] = []
+
+    def _experiment(self) -> str:
+        """The experiment's id, created (or restored) when needed; in the embedded store with its artifact
+        folder ``mlartifacts/<name>`` relative to the root (MLflow would record an absolute path)."""
+        client, name = self.client, self.experiment
+        with _init_lock(self.root):
+            exp = client.get_experiment_by_name(name)
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    client.restore_experiment(exp.experiment_id)
+                return exp.experiment_id
+            tags = {"mlflow.experimentKind": "custom_model_development"}    # the UI opens on the runs table
+            if _server():
+                return client.create_experiment(name, tags=tags)
+            eid = client.create_experiment(name, (self.root / ARTIFACTS_DIR / name).as_uri(), tags)
+            with contextlib.closing(sqlite3.connect(str(self.root / DB_NAME), timeout=30)) as conn, conn:
+                conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                             (f"{ARTIFACTS_DIR}/{name}", int(eid)))
+            return eid
 
     def start(self, params_hash: str, run_name: str, params_flat: Mapping[str, Any], params_yaml_text: str,
               tags: Mapping[str, Any] | None = None, resume: bool = True, include_finished: bool = False) -> str:
-        """Open, resume or reopen the run (module docstring) and return its id; call it before
-        any expensive work (:class:`TrackingError` when the store cannot be used)."""
+        """Create, resume or reopen the run and return its id; call it before any expensive work. A found
+        run keeps its logged params (MLflow forbids changing them) and gets the missing ones."""
         if not params_hash:
             raise ValueError("params_hash must be a non-empty string")
         self.client = client = open_client(self.root, self.timeout)
-        commit = git_commit(self.root)
+        commit, baseline = git_commit(self.root), os.environ.get("DVC_EXP_BASELINE_REV")
         all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit,
                     "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
-                    **({"dvc_exp_baseline_rev": os.environ["DVC_EXP_BASELINE_REV"]}
-                       if os.environ.get("DVC_EXP_BASELINE_REV") else {}),
+                    **({"dvc_exp_baseline_rev": baseline} if baseline else {}),
                     **{str(k): str(v) for k, v in (tags or {}).items()}, "params_hash": str(params_hash)}
         params = {str(k): "" if v is None else str(v) for k, v in params_flat.items()}
         try:
             from mlflow.entities import Param, RunTag
 
-            self.experiment_id = _retrying(experiment_id, client, self.root, self.experiment)
-            found = None
-            if resume:
-                runs = _retrying(find_runs, client, self.experiment_id, {"params_hash": params_hash})
-                found = next((r for r in runs if include_finished or r.info.status in UNFINISHED), None)
+            self.experiment_id = _retrying(self._experiment)
+            runs = _retrying(find_runs, client, self.experiment_id, {"params_hash": params_hash}) if resume else []
+            found = next((r for r in runs if include_finished or r.info.status in UNFINISHED), None)
             if found is None:
                 run = _retrying(client.create_run, self.experiment_id, tags=all_tags, run_name=run_name)
-                self.run_id, self.status = run.info.run_id, "RUNNING"
-                _retrying(client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items()])
-                self._at_root(client.log_text, self.run_id, params_yaml_text, "params.yaml")
-                return self.run_id
-            self.run_id = found.info.run_id
-            old = found.data
-            changed = sorted(k for k, v in params.items() if k in old.params and old.params[k] != v)
-            if changed:
-                log.warning("MLflow run %s keeps its logged values of %s", self.run_id, ", ".join(changed))
-            new_tags = {k: v for k, v in all_tags.items() if k not in old.tags}
-            if found.info.status == "FINISHED":
-                self.reopened, self.status = True, "FINISHED"
+                self.run_id, self.status, old, new_tags = run.info.run_id, "RUNNING", {}, {}
             else:
-                self.resumed, self.status = True, "RUNNING"
-                _retrying(client.update_run, self.run_id, status="RUNNING")
-                new_tags["resume_count"] = str(int(old.tags.get("resume_count", "0") or 0) + 1)
-                if old.tags.get("git_commit", commit) != commit:
-                    new_tags["git_commit_resumed"] = commit
-            _retrying(client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items()
-                                                             if k not in old.params],
+                self.run_id, old, old_tags = found.info.run_id, found.data.params, found.data.tags
+                changed = sorted(k for k, v in params.items() if old.get(k, v) != v)
+                if changed:
+                    log.warning("MLflow run %s keeps its logged values of %s", self.run_id, ", ".join(changed))
+                new_tags = {k: v for k, v in all_tags.items() if k not in old_tags}
+                self.reopened = found.info.status == "FINISHED"
+                self.resumed, self.status = not self.reopened, "FINISHED" if self.reopened else "RUNNING"
+                if self.resumed:
+                    _retrying(client.update_run, self.run_id, status="RUNNING")
+                    new_tags["resume_count"] = str(int(old_tags.get("resume_count") or 0) + 1)
+                    if old_tags.get("git_commit", commit) != commit:
+                        new_tags["git_commit_resumed"] = commit
+            _retrying(client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items() if k not in old],
                       tags=[RunTag(k, v) for k, v in new_tags.items()])
-            if "params.yaml" not in {f.path for f in self._at_root(client.list_artifacts, self.run_id)}:
-                self._at_root(client.log_text, self.run_id, params_yaml_text, "params.yaml")
+            with _from_root(self.root):
+                if found is None or "params.yaml" not in [f.path for f in _retrying(client.list_artifacts, self.run_id)]:
+                    _retrying(client.log_text, self.run_id, params_yaml_text, "params.yaml")
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"MLflow store {_store_name(self.root)}: starting a run in experiment "
                                 f"'{self.experiment}' failed: {type(e).__name__}: {e}") from e
         return self.run_id
 
-    # -- logging (retried; on failure warned about, or raised when strict)
-    def _at_root(self, fn, *args, retry: bool = True, **kwargs):
-        """Call ``fn`` (retried) from the store root: MLflow resolves the relative artifact
-        locations from the working directory (callers pass absolute local paths)."""
-        with contextlib.chdir(self.root) if _embedded() else contextlib.nullcontext():
-            return _retrying(fn, *args, **kwargs) if retry else fn(*args, **kwargs)
-
     def _call(self, what: str, fn, *args, retry: bool = True, **kwargs) -> bool:
-        if self.run_id is None or self.client is None:
+        """``fn`` from the root, retried; on failure warned about and recorded, or raised when strict."""
+        if self.run_id is None:
             raise RuntimeError("RunTracker.start() has not been called")
         try:
-            self._at_root(fn, *args, retry=retry, **kwargs)
+            with _from_root(self.root):           # callers pass absolute local paths
+                _retrying(fn, *args, **kwargs) if retry else fn(*args, **kwargs)
             return True
         except Exception as e:  # noqa: BLE001
             msg = f"MLflow store {_store_name(self.root)}: {what} failed for run {self.run_id}: {type(e).__name__}: {e}"
@@ -348,7 +272,11 @@ class RunTracker:
         """Log the finite numbers of ``metrics`` (None, strings and bools are skipped)."""
         self._call("log_metrics", self.client.log_batch, self.run_id, metrics=metric_entities(metrics, step))
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+        self._call("set_tags", self.client.log_batch, self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
         """Copy a file (or every file of a folder) into the run's artifacts."""
         path = Path(path).resolve()
         if not path.exists():
@@ -356,44 +284,31 @@ class RunTracker:
         fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
         self._call(f"log_artifact({path})", fn, self.run_id, str(path), artifact_path)
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self._call("set_tags", self.client.log_batch, self.run_id,
-                   tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
-
-    def log_model(self, model_file: str | os.PathLike, example, registered_name: str | None = None) -> None:
-        """Log the trained model file as an MLflow pyfunc model of this run (image in, label map
-        out: :mod:`pipeline.serving`), registered as ``registered_name`` when given."""
+    def log_model(self, model_file, example, registered_name: str | None = None) -> None:
+        """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
+        as ``registered_name`` when given; not retried (a retry would log a second model)."""
+        from .serving import log_segmenter
         model_file = Path(model_file).resolve()
-
-        def log_pyfunc():
-            from .serving import log_segmenter
-            with using_store(self.root):
-                log_segmenter(self.client, self.experiment_id, self.run_id, model_file, example, registered_name)
-
-        self._call("log_model", log_pyfunc, retry=False)      # a retry would log a second model
+        with using_store(self.root):
+            self._call("log_model", log_segmenter, self.client, self.experiment_id, self.run_id, model_file, example,
+                       registered_name, retry=False)
 
     def runs_url(self) -> str:
         """The UI page of this run's experiment's runs table (``make ui`` serves the embedded store)."""
-        base = tracking_uri(self.root) if not _embedded() else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+        return f"{(_server() or 'http://127.0.0.1:5000').rstrip('/')}/#/experiments/{self.experiment_id}/runs"
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run with an MLflow status (FINISHED, FAILED or KILLED); idempotent, and a no-op
-        on a reopened FINISHED run."""
-        status = status.upper()
-        if status not in ("FINISHED", "FAILED", "KILLED"):
+        """End the run as FINISHED, FAILED or KILLED; idempotent, and a no-op on a reopened run."""
+        if status not in ENDED:
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
-        if self.run_id is None or self.status in ("FINISHED", "FAILED", "KILLED"):
-            return
-        if self._call(f"finish({status})", self.client.set_terminated, self.run_id, status):
+        if self.run_id is not None and self.status not in ENDED and self._call(
+                f"finish({status})", self.client.set_terminated, self.run_id, status):
             self.status = status
 
     def __enter__(self) -> "RunTracker":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         try:
             self.finish(status)
@@ -401,4 +316,3 @@ class RunTracker:
             if exc_type is None:
                 raise
             log.exception("could not mark MLflow run %s %s", self.run_id, status)
-        return False

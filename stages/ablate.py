@@ -28,14 +28,13 @@ def main() -> None:
     main_p, params_text, raw = load_params_raw(args.params)
 
     from pipeline.ablation import cell_params, parse_ablation, shares_main_training
-    from pipeline.config import params_hash
+    from pipeline.config import params_file_text, params_hash
     from pipeline.engine.checkpoint import load_checkpoint
     from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.metrics import SUMMARY_KEYS
     from pipeline.engine.train import export_model, resolve_device, train
     from pipeline.io import atomic_dir, write_json
     from pipeline.jobs import CoreShare
-    from pipeline.tracking import params_file_text
 
     grid = parse_ablation(raw.get("ablation"))
     p = cell_params(raw, grid, args.variant, args.seed)

@@ -28,11 +28,11 @@ def main() -> None:
         print("pseudo-label retraining is off (pseudo.enabled: false)")
         return
 
+    from pipeline.config import params_file_text
     from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.pseudo import label_training_set, retrain_hash, retrain_params
     from pipeline.engine.train import export_model, resolve_device, train
     from pipeline.jobs import CoreShare
-    from pipeline.tracking import params_file_text
 
     split = read_json(args.split_dir / "split.json")
     index = read_json(args.split_dir / "index.json")
