@@ -211,8 +211,6 @@ class RunTracker:
               tags: Mapping[str, Any] | None = None, resume: bool = True, include_finished: bool = False) -> str:
         """Create, resume or reopen the run and return its id; call it before any expensive work. A found
         run keeps its logged params (MLflow forbids changing them) and gets the missing ones."""
-        if not params_hash:
-            raise ValueError("params_hash must be a non-empty string")
         self.client = client = open_client(self.root, self.timeout)
         commit, baseline = git_commit(self.root), os.environ.get("DVC_EXP_BASELINE_REV")
         all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit,
@@ -254,8 +252,6 @@ class RunTracker:
 
     def _call(self, what: str, fn, *args, retry: bool = True, **kwargs) -> bool:
         """``fn`` from the root, retried; on failure warned about and recorded, or raised when strict."""
-        if self.run_id is None:
-            raise RuntimeError("RunTracker.start() has not been called")
         try:
             with _from_root(self.root):           # callers pass absolute local paths
                 _retrying(fn, *args, **kwargs) if retry else fn(*args, **kwargs)
@@ -279,19 +275,19 @@ class RunTracker:
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         """Copy a file (or every file of a folder) into the run's artifacts."""
         path = Path(path).resolve()
-        if not path.exists():
-            raise FileNotFoundError(f"artifact to log does not exist: {path}")
         fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
         self._call(f"log_artifact({path})", fn, self.run_id, str(path), artifact_path)
 
     def log_model(self, model_file, example, registered_name: str | None = None) -> None:
         """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
         as ``registered_name`` when given; not retried (a retry would log a second model)."""
-        from .serving import log_segmenter
         model_file = Path(model_file).resolve()
-        with using_store(self.root):
-            self._call("log_model", log_segmenter, self.client, self.experiment_id, self.run_id, model_file, example,
-                       registered_name, retry=False)
+
+        def log_pyfunc():
+            from .serving import log_segmenter
+            with using_store(self.root):
+                log_segmenter(self.client, self.experiment_id, self.run_id, model_file, example, registered_name)
+        self._call("log_model", log_pyfunc, retry=False)
 
     def runs_url(self) -> str:
         """The UI page of this run's experiment's runs table (``make ui`` serves the embedded store)."""
@@ -299,8 +295,6 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run as FINISHED, FAILED or KILLED; idempotent, and a no-op on a reopened run."""
-        if status not in ENDED:
-            raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
         if self.run_id is not None and self.status not in ENDED and self._call(
                 f"finish({status})", self.client.set_terminated, self.run_id, status):
             self.status = status
