@@ -1,18 +1,15 @@
 """MLflow tracking: one store per repository, one experiment per dataset and split.
 
-The store is ``$MLFLOW_TRACKING_URI`` (a shared ``mlflow server``) when set, else SQLite at
-``<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts/<experiment>/``, recorded relative to
-the root so that a moved or copied repository keeps them (MLflow is used from the root:
-:func:`using_store`). The root is ``$DVC_ROOT``, which DVC also sets for ``dvc exp run --temp``
-and queued runs executing in ``.dvc/tmp/exps/...``, else the git top level.
-
-One run per trained thing, found again by its ``params_hash`` tag: resumed when unfinished, or
-reopened (``include_finished``) to add results, never moved nor its status and times changed.
-Ablation grids link their cells' runs to a parent run: :func:`pipeline.ablation.sync_grid`.
-An unusable store raises :class:`TrackingError` naming it before any work (the SQLite file is
-probed first: no minutes of retries); later a failing call is retried, then warned about and
-recorded in ``RunTracker.failures`` (``strict=True`` raises): the DVC outputs are the record,
-MLflow the index. MLflow is imported on use only.
+Store: ``$MLFLOW_TRACKING_URI`` (a shared ``mlflow server``), else SQLite ``<root>/mlflow.db`` with
+artifacts in ``<root>/mlartifacts/<experiment>/``, recorded relative to the root so that a copied
+repository keeps them (hence MLflow works from the root: :func:`using_store`). The root is
+``$DVC_ROOT`` (set by DVC also for ``dvc exp run --temp`` and queued runs in ``.dvc/tmp/exps/``),
+else the git top level. One run per trained thing, found again by its ``params_hash`` tag: resumed
+when unfinished, or reopened to add results, never moved nor re-finished. Ablation grids link their
+cells' runs to a parent run: :func:`pipeline.ablation.sync_grid`. A store that cannot be opened
+fails before any work (:class:`TrackingError`); later failures are retried, then warned about and
+recorded in ``RunTracker.failures`` (the DVC outputs are the record, MLflow the index) or raised
+(``strict``). MLflow is imported on use only.
 """
 import contextlib
 import logging
