@@ -27,6 +27,7 @@ PP_FORMS = ("cce", "ce")
 PP_PAIRINGS = ("cross_image", "within_image")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 FREEZE = ("none", "backbone", "encoder")
+TRANSFORMER_IN = ("res5", "pixel_embedding")
 # train.* keys that only say how a run is launched (processes, nodes, rendezvous): they are
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
@@ -86,6 +87,8 @@ class ModelConfig:
     num_queries: int = _spec(lo=1, help="learned queries (paper 100)")
     nheads: int = _spec(lo=1, help="attention heads (paper 8)")
     dec_layers: int = _spec(lo=1, help="transformer decoder layers (paper 6)")
+    transformer_in: str = _spec(choices=TRANSFORMER_IN, help="what the queries attend to: res5 (paper) or "
+                                "pixel_embedding (the stride-4 mask features, MaskFormer's alternative)")
     dim_feedforward: int = _spec(lo=8, help="FFN width (paper 2048)")
     dropout: float = _spec(lo=0.0, hi=1.0, help="dropout in the transformer decoder")
     conv_dim: int = _spec(lo=8, help="FPN pixel decoder channels (paper 256)")
@@ -135,6 +138,7 @@ class TrainConfig:
     backbone_lr_mult: float = _spec(lo=0.0, help="backbone lr multiplier (paper 0.1 with ImageNet init)")
     freeze: str = _spec(choices=FREEZE, help="parts not trained: none (paper), backbone, or encoder (backbone + "
                                              "pixel decoder, after the weak-shot initialisation)")
+    warmup: int = _spec(lo=0, help="linear learning-rate warm-up steps before the poly schedule (paper 0)")
     poly_power: float = _spec(lo=0.0, help="poly learning-rate schedule: lr * (1 - step / iterations) ** power")
     clip_grad_norm: float = _spec(lo=0.0, help="global L2 gradient clip; 0 = off")
     device: str = _spec(choices=DEVICES, help="auto = cuda when available, else cpu")

@@ -297,7 +297,7 @@ def _tiny_model(k):
 
     torch.manual_seed(0)
     return build_model(ModelConfig(backbone="resnet18", pretrained="none", freeze_bn=False, dropout=0.1,
-                                   hidden_dim=32, num_queries=5, nheads=2, dec_layers=2, dim_feedforward=64,
+                                   hidden_dim=32, num_queries=5, nheads=2, dec_layers=2, transformer_in="res5", dim_feedforward=64,
                                    conv_dim=32, mask_dim=16, gn_groups=8), num_classes=k)
 
 

@@ -8,7 +8,7 @@ from pipeline.model import build_model, semantic_inference
 from pipeline.model.transformer_decoder import sine_position_encoding
 
 TINY = ModelConfig(backbone="resnet18", pretrained="none", freeze_bn=False, hidden_dim=32, num_queries=5, nheads=2,
-                   dec_layers=2, dim_feedforward=64, dropout=0.1, conv_dim=32, mask_dim=16, gn_groups=8)
+                   dec_layers=2, transformer_in="res5", dim_feedforward=64, dropout=0.1, conv_dim=32, mask_dim=16, gn_groups=8)
 
 
 def test_output_shapes_and_deep_supervision():
@@ -32,11 +32,25 @@ def test_frozen_bn_has_no_trainable_norm():
 
 def test_paper_r50_config_builds():
     m = build_model(ModelConfig(backbone="resnet50", pretrained="none", hidden_dim=256, num_queries=100, nheads=8,
-                                dec_layers=6, dim_feedforward=2048, dropout=0.1, conv_dim=256, mask_dim=256,
+                                dec_layers=6, transformer_in="res5", dim_feedforward=2048, dropout=0.1, conv_dim=256,
+                                mask_dim=256,
                                 gn_groups=32, freeze_bn=True), 171)
     assert m.decoder.input_proj.in_channels == 2048
     assert m.class_embed.out_features == 172
     assert len(m.decoder.layers) == 6
+
+
+def test_pixel_embedding_memory_attends_to_the_mask_features():
+    """transformer_in: pixel_embedding: the queries' memory is the stride-4 mask features
+    (mask_dim channels, H/4 x W/4 tokens), not res5 (512 channels, H/32 x W/32)."""
+    m = build_model(ModelConfig(**{**TINY.__dict__, "transformer_in": "pixel_embedding"}), 3).eval()
+    assert m.decoder.input_proj.in_channels == TINY.mask_dim
+    seen = []
+    m.decoder.input_proj.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    out = m(torch.rand(2, 3, 64, 64) * 255)
+    assert seen == [(2, TINY.mask_dim, 16, 16)]
+    assert out["pred_masks"].shape == (2, TINY.num_queries, 16, 16)
+    assert build_model(TINY, 3).decoder.input_proj.in_channels == 512     # res5 of a ResNet-18
 
 
 def test_semantic_inference_by_hand():

@@ -25,6 +25,7 @@ def test_paper_presets_are_valid_and_match_the_reference(name, dataset, crop, it
     assert (p.loss.sim_points, p.loss.sim_base_points, p.loss.pp_points) == (100, 80, 100)
     # the synthetic recipe's deviations do not leak into the paper's
     assert (p.model.pretrained, p.train.freeze, p.data.photometric, p.model.dropout) == ("imagenet", "none", True, 0.1)
+    assert (p.model.transformer_in, p.train.warmup, p.loss.match_class_cost) == ("res5", 0, 1.0)
 
 
 def test_preset_prints_dvc_set_param_flags():

@@ -41,6 +41,7 @@ def small_params(**groups) -> dict:
     p["pseudo"]["enabled"] = False
     p["model"]["pretrained"] = "none"       # the loop's own tests; the e2e test drives the pretrain stage
     p["train"]["freeze"] = "none"            # every part trains (the paper's regime)
+    p["train"]["warmup"] = 0                 # the paper schedule: 4-step runs would barely move
     p["train"]["diagnostics_interval"] = 0   # the e2e test drives the diagnostics; here they would add criterion calls
     p["data"].update({"scale_min": 0.5, "scale_max": 1.5})   # whole 64 px images fit a crop: novel pairs each step
     p["train"].update({"iterations": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1,

@@ -24,6 +24,27 @@ def test_step_seed_formula():
     assert len({step_seed(s, k, r) for s in (0, 1) for k in range(4) for r in range(3)}) == 24
 
 
+def test_learning_rate_warms_up_linearly_then_follows_poly():
+    """lr(s) = lr * min(1, (s + 1) / (warmup + 1)) * (1 - s / iterations) ** poly_power."""
+    from pipeline.engine.train import build_optimizer
+    raw = small_params(train={"lr": 0.01, "warmup": 3, "iterations": 10, "poly_power": 1.0})
+    p = build_params(raw)
+    model = torch.nn.Linear(2, 2)
+    opt, sched = build_optimizer(p, model, torch.nn.Module(), FastPath())
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.01 * min(1, (s + 1) / 4) * (1 - s / 10) for s in range(10)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[:4] == pytest.approx([0.0025, 0.0045, 0.006, 0.007])
+    # warmup 0 is the paper's schedule: the poly factor alone from the first step
+    opt, sched = build_optimizer(build_params(small_params(train={"lr": 0.01, "warmup": 0, "iterations": 10})),
+                                 model, torch.nn.Module(), FastPath())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
 def test_train_state_round_trip_continues_exactly(tmp_path, tiny_data):  # noqa: F811
     """Two steps, save, two more; a fresh state loaded from the file takes the same two steps to
     the same weights (RNG states included: the model has dropout)."""

@@ -267,7 +267,8 @@ def build_optimizer(p: Params, model: torch.nn.Module, criterion: torch.nn.Modul
     kw = {"fused": True} if fast.fused_adamw else {}
     opt = torch.optim.AdamW(param_groups(model, criterion, t.lr, t.weight_decay, t.backbone_lr_mult),
                             lr=t.lr, weight_decay=t.weight_decay, **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / t.iterations) ** t.poly_power)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (t.warmup + 1)) * max(0.0, 1 - s / t.iterations) ** t.poly_power)
     return opt, sched
 
 

@@ -16,6 +16,7 @@ def build_model(cfg: ModelConfig, num_classes: int, backbone_state: dict | None 
     pixel_decoder = FPNPixelDecoder(backbone.channels, cfg.conv_dim, cfg.mask_dim, cfg.gn_groups)
     if pixel_decoder_state is not None:
         pixel_decoder.load_state_dict(pixel_decoder_state)
-    decoder = TransformerDecoder(backbone.channels[-1], cfg.hidden_dim, cfg.nheads, cfg.dec_layers,
+    memory_dim = backbone.channels[-1] if cfg.transformer_in == "res5" else cfg.mask_dim
+    decoder = TransformerDecoder(memory_dim, cfg.hidden_dim, cfg.nheads, cfg.dec_layers,
                                  cfg.dim_feedforward, cfg.dropout, cfg.num_queries)
-    return MaskFormer(num_classes, backbone, pixel_decoder, decoder, cfg.mask_dim)
+    return MaskFormer(num_classes, backbone, pixel_decoder, decoder, cfg.mask_dim, cfg.transformer_in)

@@ -29,11 +29,15 @@ class MaskFormer(nn.Module):
     ``pred_logits``: B x Q x (K+1) (last = no-object); ``pred_masks``: B x Q x H/4 x W/4 mask
     logits; ``mask_features``: B x C x H/4 x W/4; ``aux_outputs``: the same two keys for every
     earlier decoder layer (deep supervision).
+
+    ``transformer_in``: the map the queries attend to, MaskFormer's TRANSFORMER_IN_FEATURE:
+    ``res5`` (the paper) or ``pixel_embedding`` (the stride-4 mask features).
     """
 
     def __init__(self, num_classes: int, backbone: ResNetBackbone, pixel_decoder: FPNPixelDecoder,
-                 decoder: TransformerDecoder, mask_dim: int):
+                 decoder: TransformerDecoder, mask_dim: int, transformer_in: str = "res5"):
         super().__init__()
+        self.transformer_in = transformer_in
         self.num_classes = num_classes
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
@@ -48,7 +52,8 @@ class MaskFormer(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         feats = self.backbone(x)
         mask_features = self.pixel_decoder(feats)
-        hs = self.decoder(feats["res5"])                       # L x B x Q x d
+        memory = feats["res5"] if self.transformer_in == "res5" else mask_features
+        hs = self.decoder(memory)                              # L x B x Q x d
         logits = self.class_embed(hs)                          # L x B x Q x K+1
         masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hs), mask_features)
         out = {"pred_logits": logits[-1], "pred_masks": masks[-1], "mask_features": mask_features,
