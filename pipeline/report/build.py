@@ -115,7 +115,7 @@ def baselines_section(r: Inputs) -> Section | None:
             models[f"grid: {v} (mean of {int(t.loc[v, 'n'])} seeds)"] = {
                 "mIoU": t.loc[v, "mIoU_mean"], "mIoU_base": t.loc[v, "mIoU_base_mean"],
                 "mIoU_novel": t.loc[v, "mIoU_novel_mean"], "hIoU": t.loc[v, "hIoU_mean"]}
-    return Section("Trivial baselines", ev.below_baseline_banner(r.metrics, r.baselines)
+    return Section("Trivial baselines", ev.quick_look_banner(r.metrics, r.baselines)
                    + "A model is worth reporting only well above these.\n\n" + ev.baselines_markdown(r.baselines, models))
 
 
