@@ -171,7 +171,9 @@ def build_split(dataset_dir: str | os.PathLike, dataset: str, split_id: int, wor
     args = [j[2] for j in jobs]
     bar = dict(total=len(args), desc="scan labels", unit="img", disable=not progress)
     if workers > 1 and len(args) > 1:
-        with multiprocessing.get_context().Pool(min(workers, len(args)), initializer=_worker_init) as pool:
+        # spawn, not fork: a fork of a threaded parent (torch, MLflow, pytest) can inherit a held lock
+        # and hang in the worker (seen in the test suite)
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(args)), initializer=_worker_init) as pool:
             results = list(tqdm(pool.imap(_scan_job, args, chunksize=max(1, min(64, len(args) // (4 * workers)))),
                                 **bar))
     else:
