@@ -7,9 +7,9 @@ repository keeps them (hence MLflow works from the root: :func:`using_store`). T
 else the git top level. One run per trained thing, found again by its ``params_hash`` tag: resumed
 when unfinished, or reopened to add results, never moved nor re-finished. Ablation grids link their
 cells' runs to a parent run: :func:`pipeline.ablation.sync_grid`. A store that cannot be opened
-fails before any work (:class:`TrackingError`); later failures are retried, then warned about and
-recorded in ``RunTracker.failures`` (the DVC outputs are the record, MLflow the index) or raised
-(``strict``). MLflow is imported on use only.
+fails before any work (:class:`TrackingError`); a later failure, once MLflow's own waiting is over
+(SQLite busy timeout, HTTP retries), is warned about (the DVC outputs are the record, MLflow the
+index) or raised (``strict``). MLflow is imported on use only.
 """
 import contextlib
 import logging
@@ -18,15 +18,12 @@ import os
 import re
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
-UNFINISHED, ENDED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED"), ("FINISHED", "FAILED", "KILLED")
-_RETRY_SLEEPS = (0.2, 0.5, 1.0)
 
 
 class TrackingError(RuntimeError):
@@ -48,10 +45,9 @@ def git_commit(root) -> str:
 
 def store_root(cwd=None) -> Path:
     """``$DVC_ROOT`` if set, else the git top level of ``cwd``, else ``cwd`` (absolute)."""
-    if os.environ.get("DVC_ROOT", "").strip():
-        return Path(os.environ["DVC_ROOT"].strip()).expanduser().resolve()
     cwd = Path.cwd() if cwd is None else Path(cwd)
-    return Path(_git(cwd, "rev-parse", "--show-toplevel") or cwd).resolve()
+    root = os.environ.get("DVC_ROOT", "").strip() or _git(cwd, "rev-parse", "--show-toplevel") or cwd
+    return Path(root).expanduser().resolve()
 
 
 def _server() -> str:        # empty for the embedded store
@@ -82,13 +78,11 @@ def run_name(base: str) -> str:
 
 @contextlib.contextmanager
 def _init_lock(root: Path):
-    """Serialise creating the embedded store and its experiments between processes."""
-    if _server():
-        yield
-        return
-    import fcntl
-    with open(root / INIT_LOCK_NAME, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    """Serialise creating the embedded store and its experiments between processes (a server needs none)."""
+    with contextlib.ExitStack() as stack:
+        if not _server():
+            import fcntl
+            fcntl.flock(stack.enter_context(open(root / INIT_LOCK_NAME, "a+")), fcntl.LOCK_EX)
         yield
 
 
@@ -101,11 +95,6 @@ def open_client(root, timeout: float = 30.0):
         from mlflow import MlflowClient
     except ImportError as e:
         raise TrackingError(f"{fail}mlflow is not installed ({e})") from e
-    if not _server() and not root.is_dir():
-        raise TrackingError(f"MLflow store {db} is unreachable: the store folder {root} does not exist "
-                            "(set DVC_ROOT or run from inside the repository)")
-    if not _server() and db.exists() and not db.is_file():
-        raise TrackingError(f"{fail}the path exists but is not a regular file")
     try:
         if not _server():
             with contextlib.closing(sqlite3.connect(str(db), timeout=timeout, isolation_level=None)) as conn:
@@ -117,10 +106,12 @@ def open_client(root, timeout: float = 30.0):
             client = MlflowClient(tracking_uri=tracking_uri(root))
             client.search_experiments(max_results=1)             # fails now, not mid-training
             return client
-    except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-        held = (f" (another process held the database for more than {timeout:g} s)"
-                if isinstance(e, sqlite3.OperationalError) and "locked" in str(e) else "")
-        raise TrackingError(f"{fail}{type(e).__name__}: {e}{held}") from e
+    except Exception as e:  # noqa: BLE001 - any store failure is reported the same way, with its likely cause
+        why = ("" if _server() else
+               f" (the store folder {root} does not exist: set DVC_ROOT or run from inside the repository)"
+               if not root.is_dir() else " (the path exists but is not a regular file)" if db.is_dir() else
+               f" (another process held the database for more than {timeout:g} s)" if "locked" in str(e) else "")
+        raise TrackingError(f"{fail}{type(e).__name__}: {e}{why}") from e
 
 
 @contextlib.contextmanager
@@ -140,20 +131,9 @@ def using_store(root):
 
 
 def find_runs(client, exp_id: str, filters: Mapping[str, str]) -> list:
-    """Active runs of the experiment whose tags equal ``filters``, newest first."""
-    quoted = {k: "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'" for k, v in filters.items()}
-    return client.search_runs([exp_id], " and ".join(f"tags.`{k}` = {v}" for k, v in quoted.items()),
+    """Active runs of the experiment whose tags equal ``filters`` (ids or hashes: not escaped), newest first."""
+    return client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items()),
                               order_by=["attributes.start_time DESC"], max_results=1000)
-
-
-def _retrying(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, retried after a short sleep (a store briefly locked by another run)."""
-    for sleep in _RETRY_SLEEPS:
-        try:
-            return fn(*args, **kwargs)
-        except Exception:  # noqa: BLE001
-            time.sleep(sleep)
-    return fn(*args, **kwargs)
 
 
 def metric_key(name: str) -> str:
@@ -164,13 +144,14 @@ def metric_key(name: str) -> str:
 def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list:
     """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped)."""
     from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
 
-    ts = int(time.time() * 1000)
+    ts = get_current_time_millis()
     return [Metric(metric_key(k), float(v), ts, int(step or 0)) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
-class RunTracker:
+class RunTracker(contextlib.AbstractContextManager):
     """One MLflow run of one stage execution, ended FINISHED, FAILED on an exception, KILLED on
     KeyboardInterrupt (a reopened FINISHED run is left as it was)::
 
@@ -182,30 +163,32 @@ class RunTracker:
     def __init__(self, root, experiment: str, *, timeout: float = 30.0, strict: bool = False):
         self.root, self.experiment, self.timeout, self.strict = Path(root).resolve(), experiment, timeout, strict
         self.client = self.experiment_id = self.run_id = self.status = None
-        self.resumed = self.reopened = False    # an interrupted run continued / a FINISHED run given more results
-        self.failures: list[str] = []
 
     def _experiment(self) -> str:
         """The experiment's id, created (or restored) when needed; in the embedded store with its artifact
         folder ``mlartifacts/<name>`` relative to the root (MLflow would record an absolute path)."""
         client, name = self.client, self.experiment
-        with _init_lock(self.root):
+        with _init_lock(self.root):          # a server has no lock: a concurrent creation is looked up again
             exp = client.get_experiment_by_name(name)
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
-            tags = {"mlflow.experimentKind": "custom_model_development"}    # the UI opens on the runs table
-            if _server():
-                return client.create_experiment(name, tags=tags)
-            eid = client.create_experiment(name, (self.root / ARTIFACTS_DIR / name).as_uri(), tags)
-            with contextlib.closing(sqlite3.connect(str(self.root / DB_NAME), timeout=30)) as conn, conn:
-                conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                             (f"{ARTIFACTS_DIR}/{name}", int(eid)))
+            location = None if _server() else (self.root / ARTIFACTS_DIR / name).as_uri()
+            try:                             # the UI opens on the runs table
+                eid = client.create_experiment(name, location, {"mlflow.experimentKind": "custom_model_development"})
+            except Exception:  # noqa: BLE001
+                if (exp := client.get_experiment_by_name(name)) is None:
+                    raise
+                return exp.experiment_id
+            if location:
+                with contextlib.closing(sqlite3.connect(str(self.root / DB_NAME), timeout=30)) as conn, conn:
+                    conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                                 (f"{ARTIFACTS_DIR}/{name}", int(eid)))
             return eid
 
     def start(self, params_hash: str, run_name: str, params_flat: Mapping[str, Any], params_yaml_text: str,
-              tags: Mapping[str, Any] | None = None, resume: bool = True, include_finished: bool = False) -> str:
+              tags: Mapping[str, Any] | None = None, include_finished: bool = False) -> str:
         """Create, resume or reopen the run and return its id; call it before any expensive work. A found
         run keeps its logged params (MLflow forbids changing them) and gets the missing ones."""
         self.client = client = open_client(self.root, self.timeout)
@@ -217,48 +200,43 @@ class RunTracker:
         params = {str(k): "" if v is None else str(v) for k, v in params_flat.items()}
         try:
             from mlflow.entities import Param, RunTag
-
-            self.experiment_id = _retrying(self._experiment)
-            runs = _retrying(find_runs, client, self.experiment_id, {"params_hash": params_hash}) if resume else []
-            found = next((r for r in runs if include_finished or r.info.status in UNFINISHED), None)
-            if found is None:
-                run = _retrying(client.create_run, self.experiment_id, tags=all_tags, run_name=run_name)
-                self.run_id, self.status, old, new_tags = run.info.run_id, "RUNNING", {}, {}
-            else:
-                self.run_id, old, old_tags = found.info.run_id, found.data.params, found.data.tags
-                changed = sorted(k for k, v in params.items() if old.get(k, v) != v)
-                if changed:
-                    log.warning("MLflow run %s keeps its logged values of %s", self.run_id, ", ".join(changed))
-                new_tags = {k: v for k, v in all_tags.items() if k not in old_tags}
-                self.reopened = found.info.status == "FINISHED"
-                self.resumed, self.status = not self.reopened, "FINISHED" if self.reopened else "RUNNING"
-                if self.resumed:
-                    _retrying(client.update_run, self.run_id, status="RUNNING")
-                    new_tags["resume_count"] = str(int(old_tags.get("resume_count") or 0) + 1)
-                    if old_tags.get("git_commit", commit) != commit:
-                        new_tags["git_commit_resumed"] = commit
-            _retrying(client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items() if k not in old],
-                      tags=[RunTag(k, v) for k, v in new_tags.items()])
+            self.experiment_id = self._experiment()
+            runs = find_runs(client, self.experiment_id, {"params_hash": params_hash})
+            found = next((r for r in runs if include_finished or r.info.status != "FINISHED"), None)
+            # a new run is created with its tags (found again by its params hash even if the next steps fail)
+            run = found or client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
+            self.run_id, self.status, old, old_tags = run.info.run_id, run.info.status, run.data.params, run.data.tags
+            changed = sorted(k for k, v in params.items() if old.get(k, v) != v)
+            if changed:
+                log.warning("MLflow run %s keeps its logged values of %s", self.run_id, ", ".join(changed))
+            new_tags = {k: v for k, v in all_tags.items() if k not in old_tags}
+            if self.status != "FINISHED" and found is not None:     # resumed (a FINISHED one is only reopened)
+                client.update_run(self.run_id, status="RUNNING")
+                self.status = "RUNNING"
+                new_tags["resume_count"] = str(int(old_tags.get("resume_count") or 0) + 1)
+                if old_tags.get("git_commit", commit) != commit:
+                    new_tags["git_commit_resumed"] = commit
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items() if k not in old],
+                             tags=[RunTag(k, v) for k, v in new_tags.items()])
             with _from_root(self.root):
-                if found is None or "params.yaml" not in [f.path for f in _retrying(client.list_artifacts, self.run_id)]:
-                    _retrying(client.log_text, self.run_id, params_yaml_text, "params.yaml")
+                if "params.yaml" not in [f.path for f in client.list_artifacts(self.run_id)]:
+                    client.log_text(self.run_id, params_yaml_text, "params.yaml")
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"MLflow store {_store_name(self.root)}: starting a run in experiment "
                                 f"'{self.experiment}' failed: {type(e).__name__}: {e}") from e
         return self.run_id
 
-    def _call(self, what: str, fn, *args, retry: bool = True, **kwargs) -> bool:
-        """``fn`` from the root, retried; on failure warned about and recorded, or raised when strict."""
+    def _call(self, what: str, fn, *args, fluent: bool = False, **kwargs) -> bool:
+        """``fn`` from the root (``fluent``: in :func:`using_store`); on failure warned about, or raised when strict."""
         try:
-            with _from_root(self.root):           # callers pass absolute local paths
-                _retrying(fn, *args, **kwargs) if retry else fn(*args, **kwargs)
+            with using_store(self.root) if fluent else _from_root(self.root):    # callers pass absolute local paths
+                fn(*args, **kwargs)
             return True
         except Exception as e:  # noqa: BLE001
             msg = f"MLflow store {_store_name(self.root)}: {what} failed for run {self.run_id}: {type(e).__name__}: {e}"
             if self.strict:
                 raise TrackingError(msg) from e
             log.warning("%s (continuing; the DVC outputs remain the record)", msg)
-            self.failures.append(msg)
             return False
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -267,24 +245,19 @@ class RunTracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
-        self._call("set_tags", self.client.log_batch, self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+        self._call("set_tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
-        """Copy a file (or every file of a folder) into the run's artifacts."""
-        path = Path(path).resolve()
-        fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
-        self._call(f"log_artifact({path})", fn, self.run_id, str(path), artifact_path)
+        """Copy a file into the run's artifacts."""
+        self._call(f"log_artifact({path})", self.client.log_artifact, self.run_id, str(Path(path).resolve()),
+                   artifact_path)
 
     def log_model(self, model_file, example, registered_name: str | None = None) -> None:
         """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
-        as ``registered_name`` when given; not retried (a retry would log a second model)."""
-        model_file = Path(model_file).resolve()
-
-        def log_pyfunc():
-            from .serving import log_segmenter
-            with using_store(self.root):
-                log_segmenter(self.client, self.experiment_id, self.run_id, model_file, example, registered_name)
-        self._call("log_model", log_pyfunc, retry=False)
+        as ``registered_name`` when given."""
+        from .serving import log_segmenter
+        self._call("log_model", log_segmenter, self.client, self.experiment_id, self.run_id, Path(model_file).resolve(),
+                   example, registered_name, fluent=True)
 
     def runs_url(self) -> str:
         """The UI page of this run's experiment's runs table (``make ui`` serves the embedded store)."""
@@ -292,12 +265,9 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run as FINISHED, FAILED or KILLED; idempotent, and a no-op on a reopened run."""
-        if self.run_id is not None and self.status not in ENDED and self._call(
-                f"finish({status})", self.client.set_terminated, self.run_id, status):
+        if self.status == "RUNNING" and self._call(f"finish({status})", self.client.set_terminated,
+                                                   self.run_id, status):
             self.status = status
-
-    def __enter__(self) -> "RunTracker":
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"

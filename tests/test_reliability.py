@@ -895,8 +895,6 @@ def test_unusable_store_fails_train_stage_before_training(trouble, says, tmp_pat
 LOGGING_BREAKS = r'''
 import runpy, sys
 from mlflow import MlflowClient
-import pipeline.tracking as tracking
-tracking._RETRY_SLEEPS = (0.0, 0.0)
 real_log_batch = MlflowClient.log_batch
 
 def log_batch(self, run_id, metrics=(), params=(), tags=(), *a, **k):

@@ -63,7 +63,6 @@ def test_start_log_and_resume(tmp_path, monkeypatch):
     text = "train:\n  iterations: 500\n"
     tr = RunTracker(root, EXP)
     rid = tr.start(h, "train", flat, text, {"stage": "train"})
-    assert not tr.resumed
     tr.log_metrics({"loss": 1.5, "loss_cls": 0.5, "skip": None}, step=10)
     tr.log_metrics({"loss": 1.0}, step=20)
     art = tmp_path / "metrics.json"
@@ -96,7 +95,6 @@ def test_start_log_and_resume(tmp_path, monkeypatch):
     tr2 = RunTracker(root, EXP)
     with tr2:
         assert tr2.start(h, "train", flat2, text, {"stage": "train"}) == rid
-        assert tr2.resumed
         tr2.log_metrics({"loss": 0.5}, step=30)
     run = c.get_run(rid)
     assert run.info.status == "FINISHED"
@@ -111,7 +109,6 @@ def test_start_log_and_resume(tmp_path, monkeypatch):
     with RunTracker(root, EXP) as ev:
         assert ev.start(h, "eval", flat, text, {"stage": "evaluate", "eval_images": 5},
                         include_finished=True) == rid
-        assert ev.reopened and not ev.resumed
         ev.log_metrics({"mIoU": 42.0})
     after = c.get_run(rid)
     assert after.info.status == "FINISHED" and after.data.metrics["mIoU"] == 42.0
@@ -145,16 +142,12 @@ def test_failed_on_exception_then_resumed(tmp_path):
     tr = RunTracker(tmp_path, EXP)
     assert tr.start(h, "train", flat, "x: 1\n", {}) == rid          # failed runs resume
     assert c.get_run(rid).info.status == "RUNNING"
-    tr2 = RunTracker(tmp_path, EXP)
-    assert tr2.start(h, "train", flat, "x: 1\n", {}, resume=False) != rid
     tr.finish("FINISHED")
     tr.finish("FAILED")                                              # idempotent
     assert c.get_run(rid).info.status == "FINISHED"
 
 
-def test_mid_run_logging_failure_policy(tmp_path, monkeypatch):
-    import pipeline.tracking as t
-    monkeypatch.setattr(t, "_RETRY_SLEEPS", (0.0,))
+def test_mid_run_logging_failure_policy(tmp_path, monkeypatch, caplog):
     _, flat, h = _params()
     tr = RunTracker(tmp_path, EXP)
     tr.start(h, "train", flat, "", {})
@@ -164,9 +157,9 @@ def test_mid_run_logging_failure_policy(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(tr.client, "log_batch", broken)
-        tr.log_metrics({"loss": 1.0}, step=1)                # default: warn, record, carry on
-        assert len(tr.failures) == 1 and "database is locked" in tr.failures[0]
-        assert str(tmp_path / "mlflow.db") in tr.failures[0]
+        tr.log_metrics({"loss": 1.0}, step=1)                # default: warn and carry on
+        (warning,) = [r.getMessage() for r in caplog.records if "log_metrics failed" in r.getMessage()]
+        assert "database is locked" in warning and f"MLflow store {tmp_path / 'mlflow.db'}:" in warning
         tr.strict = True
         with pytest.raises(TrackingError, match="log_metrics"):
             tr.log_metrics({"loss": 1.0}, step=2)
