@@ -100,6 +100,17 @@ def _check_png(path):
     assert len(data) > 1000 and data[:8] == PNG_SIGNATURE
 
 
+def test_training_curve_panels_plot_only_the_loss_terms():
+    # the train stage's curve also logs lr, seconds and the similarity diagnostics; plotted on the
+    # loss terms' axis, novel_pairs (~16000) flattened every loss to a line at 0
+    from pipeline.report.figures import loss_terms
+    curve = pd.DataFrame({"step": [10, 20], "loss": [5.0, 4.0], "loss_ce": [2.0, 1.5], "loss_dice": [0.7, 0.6],
+                          "lr": [1e-3, 9e-4], "images_per_s": [20.0, 21.0], "seconds": [1.0, 2.0],
+                          "grad_ClsLoss": [0.6, 0.5], "auc_simnet": [0.7, 0.8], "novel_pairs": [16384, 8192],
+                          "loss_note": ["a", "b"]})
+    assert loss_terms(curve) == ["loss_ce", "loss_dice"]
+
+
 def test_figures_written(tmp_path):
     steps = np.arange(0, 200, 10)
     rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..engine.metrics import SUMMARY_KEYS
-from .figures import CURVE_NON_LOSS, _axis_max, _new_figure, _read_curve, _save, _smooth, smoothing_label
+from .figures import _axis_max, _new_figure, _read_curve, _save, _smooth, loss_terms, smoothing_label
 from .tables import PER_CLASS_COLUMNS, REFERENCE_BOUNDS, fmt_pct, is_missing, markdown_table
 
 # (metric key, column header) of the ablation table, in the paper's order.
@@ -391,8 +391,7 @@ def plot_variant_curves(cells_dir, variants: Sequence[str], out_png, smoothing: 
             if not df.empty and "step" in df.columns:
                 curves.setdefault(v, []).append(df.drop_duplicates("step", keep="last").set_index("step"))
     frames = [df for dfs in curves.values() for df in dfs]
-    terms = [c for c in (frames[0].columns if frames else []) if c not in CURVE_NON_LOSS
-             and all(c in df.columns for df in frames)]
+    terms = [c for c in (loss_terms(frames[0]) if frames else []) if all(c in df.columns for df in frames)]
     fig = _new_figure(max(6.0, 4.2 * len(terms)), 4.2)
     if not terms:
         ax = fig.subplots()

@@ -13,10 +13,15 @@ from matplotlib.figure import Figure
 from ..io import atomic_path
 from .tables import per_class_dataframe, sort_per_class
 
-# Columns of reports/train_curve.csv that are not loss terms.
-CURVE_NON_LOSS = ("step", "loss", "lr", "images_per_s", "epoch", "time_s", "wall_s")
 BASE_COLOR = "#4C72B0"
 NOVEL_COLOR = "#DD8452"
+
+
+def loss_terms(df: pd.DataFrame) -> list[str]:
+    """The per-term loss columns of a training curve (``loss_<term>``, numeric). Not the total,
+    and not what the curve also logs beside the losses (``lr``, ``seconds``, the diagnostics
+    ``grad_*``, ``auc_*``, ``novel_pairs``): on one axis those would dwarf the losses."""
+    return [c for c in df.columns if str(c).startswith("loss_") and pd.api.types.is_numeric_dtype(df[c])]
 
 
 def _new_figure(w: float, h: float) -> Figure:
@@ -62,8 +67,7 @@ def _axis_max(values, cap: float = 100.0) -> float:
 
 def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
     """Two panels: total loss (raw, faint, plus a centred moving average over ``smoothing``
-    logged points) and every per-term loss column (the same average). Curve columns: ``step,
-    loss, <loss terms>..., lr, images_per_s``; any other numeric column is a loss term."""
+    logged points) and every per-term loss column (:func:`loss_terms`, the same average)."""
     df = _read_curve(curve_csv_or_df)
     fig = _new_figure(11, 4.2)
     ax_total, ax_terms = fig.subplots(1, 2)
@@ -84,7 +88,7 @@ def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
     ax_total.grid(alpha=0.3)
     ax_total.legend(fontsize=8)
 
-    terms = [c for c in df.columns if c not in CURVE_NON_LOSS and pd.api.types.is_numeric_dtype(df[c])]
+    terms = loss_terms(df)
     if terms:
         for i, c in enumerate(terms):
             ax_terms.plot(x, _smooth(pd.to_numeric(df[c], errors="coerce"), smoothing), color=f"C{i % 10}",
