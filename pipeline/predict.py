@@ -70,9 +70,6 @@ def is_mlflow_reference(ref: str) -> bool:
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else this repository's store (as the stages use it)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
     from . import tracking
     return tracking.tracking_uri(tracking.store_root())
 
