@@ -21,7 +21,7 @@ import copy
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from .config import ConfigError, Params, build_params, params_hash
@@ -121,6 +121,21 @@ def cell_params(main_raw: Mapping[str, Any], ablation: Ablation, variant: str, s
         return build_params(merged)
     except ConfigError as e:
         raise ConfigError(f"ablation variant '{variant}': {e}") from None
+
+
+def pp_weight_sweep(main_raw: Mapping[str, Any], ablation: Ablation) -> dict[str, float]:
+    """The grid's DistLoss weight sweep: every variant (``full`` included) whose cells train full
+    SimFormer with only ``loss.pp_weight`` changed, mapped to that weight; empty without ``full``."""
+    if "full" not in ablation.variants:
+        return {}
+    seed = ablation.seeds[0]
+    full = cell_params(main_raw, ablation, "full", seed)
+    out = {}
+    for v in ablation.variants:
+        cell = cell_params(main_raw, ablation, v, seed)
+        if replace(cell, loss=replace(cell.loss, pp_weight=full.loss.pp_weight)) == full:
+            out[v] = cell.loss.pp_weight
+    return out
 
 
 def grid_hash(cell_hashes: list[str]) -> str:

@@ -123,9 +123,13 @@ class LossConfig:
     pp_weight: float = _spec(lo=0.0, help="DistLoss weight (0.5 ADE, 0.1 COCO); 0 = off")
     pp_form: str = _spec(choices=PP_FORMS, help="DistLoss form: cce (complementary cross-entropy) or ce")
     pp_points: int = _spec(lo=2, help="pixels sampled per image for DistLoss")
+    pp_start: int = _spec(lo=0, help="training step from which DistLoss is on: a warm-up while SimNet learns "
+                                     "from base pairs (paper 0)")
     pp_pairing: str = _spec(choices=PP_PAIRINGS,
                             help="cross_image: student pairs across the image pair; within_image: within one image "
                                  "(the released code)")
+    simnet_block_convs: int = _spec(lo=1, hi=2, help="linear + BatchNorm layers per SimNet residual block: 1 (the "
+                                                     "paper's text) or 2 (the released code)")
     oracle: bool = _spec(help="fully supervised oracle: novel classes get their masks too (upper bound)")
 
 

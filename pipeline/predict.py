@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .data import IGNORE
 from .io import atomic_path, write_bytes
 
-IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SIZE_DIVISOR = 32
 SUMMARY_NAME = "summary.csv"

@@ -36,7 +36,7 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import tracking
-    from pipeline.ablation import cell_params, cell_runs, grid_hash, parse_ablation, sync_grid
+    from pipeline.ablation import cell_runs, grid_hash, parse_ablation, pp_weight_sweep, sync_grid
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
@@ -47,8 +47,7 @@ def main() -> None:
         cells = ab.grid_cells(args.cells, g.cells())
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
         grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells)
-        pp_weights = {v: cell_params(raw, g, v, g.seeds[0]).loss.pp_weight for v in variants
-                      if v == "full" or v.startswith("pp") or v == "+complementary"}
+        pp_weights = pp_weight_sweep(raw, g)
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)
     retrain = (read_json(args.retrain_metrics).get("retrain") if args.retrain_metrics and args.retrain_metrics.is_file()
                else None)

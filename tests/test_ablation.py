@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.ablation import REQUIRED_VARIANTS, cell_key, cell_params, grid_hash, parse_ablation, shares_main_training
+from pipeline.ablation import (REQUIRED_VARIANTS, cell_key, cell_params, grid_hash, parse_ablation, pp_weight_sweep,
+                               shares_main_training)
 from pipeline.config import ConfigError, build_params, params_hash
 from tests.conftest import ROOT
 
@@ -19,9 +20,14 @@ def test_default_grid_declares_the_paper_variants_and_trains_the_ordered_ones_ov
     assert len(grid.seeds) >= 3
     assert grid.cells()[:2] == [("baseline", grid.seeds[0]), ("baseline", grid.seeds[1])]
     # the sweep variants differ from full SimFormer only by the DistLoss weight
-    for name, w in (("pp0_1", 0.1), ("pp1", 1.0), ("pp3", 3.0)):
+    for name, w in (("pp0", 0.0), ("pp0_1", 0.1), ("pp1", 1.0), ("pp3", 3.0)):
         assert cell_params(RAW, grid, name, 6).loss.pp_weight == w
         assert cell_params(RAW, grid, name, 6).loss.comp_weight == cell_params(RAW, grid, "full", 6).loss.comp_weight
+    # ... and the report finds exactly those (+complementary also drops SimLoss; pp_warmup changes pp_start)
+    sweep = parse_ablation({**RAW["ablation"], "run": ["baseline", "+complementary", "full", "pp0", "pp1", "pp3",
+                                                       "pp_warmup", "simnet_released"]})
+    assert pp_weight_sweep(RAW, sweep) == {"full": 0.3, "pp0": 0.0, "pp1": 1.0, "pp3": 3.0}
+    assert pp_weight_sweep(RAW, parse_ablation({**RAW["ablation"], "run": ["baseline", "pp1"]})) == {}
 
 
 @pytest.mark.parametrize("run, message", [

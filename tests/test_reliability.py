@@ -571,6 +571,8 @@ BAD_PARAMS = [
     ({"loss": {"focal_alpha": 2.0}}, ["'loss.focal_alpha'", "out of range", "<= 1.0"]),
     ({"loss": {"pp_form": "kl"}}, ["'loss.pp_form'", "allowed values: cce, ce"]),
     ({"loss": {"pp_pairing": "both"}}, ["'loss.pp_pairing'", "allowed values: cross_image, within_image"]),
+    ({"loss": {"simnet_block_convs": 3}}, ["'loss.simnet_block_convs'", "out of range", "<= 2"]),
+    ({"loss": {"pp_start": -1}}, ["'loss.pp_start'", "out of range", ">= 0"]),
     ({"loss": {"sim_wieght": 1.0}}, ["unknown params key 'loss.sim_wieght'", "Did you mean 'loss.sim_weight'?"]),
     ({"train": {"batch_size": 8.0}}, ["'train.batch_size'", "expected an integer", "8.0 (float)"]),
     ({"train": {"checkpoint_interval": 0}}, ["'train.checkpoint_interval'", "out of range", ">= 1"]),

@@ -51,6 +51,30 @@ def test_simnet_shapes_and_probability():
         net(torch.randn(5, 7), torch.randn(5, 7))
 
 
+def test_simnet_released_block_two_linear_bn_hand_value():
+    """block_convs=2: y = ReLU(x + BN(W2 ReLU(BN(W1 x)))), checked against the formula in eval mode."""
+    torch.manual_seed(0)
+    net = SimNet(4, width=6, num_blocks=1, block_convs=2).eval()
+    block = net.blocks[0]
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    bns = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(linears) == 2 and len(bns) == 2
+    for bn in bns:                       # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 6)
+
+    def bn(m, v):
+        return (v - m.running_mean) / torch.sqrt(m.running_var + m.eps) * m.weight + m.bias
+    expected = torch.relu(x + bn(bns[1], torch.relu(bn(bns[0], x @ linears[0].weight.T)) @ linears[1].weight.T))
+    assert torch.allclose(block(x), expected, atol=1e-6)
+    # the paper's block has one linear + BN: 2 x 6 x 6 weights fewer per block
+    n = lambda m: sum(q.numel() for q in m.parameters())  # noqa: E731
+    assert n(SimNet(4, 6, 3, block_convs=2)) - n(SimNet(4, 6, 3)) == 3 * (6 * 6 + 2 * 6)
+    with pytest.raises(ValueError, match="block_convs=3"):
+        SimNet(4, 6, 3, block_convs=3)
+
+
 # ---------------------------------------------------------------- targets and validity
 def test_similarity_targets_hand_made():
     base = torch.tensor([0, 1, 2])              # 5 and 7 are novel
@@ -319,6 +343,7 @@ def test_dual_loss_explicit_flags_and_from_config():
     lc = replace(build_params(file_params()).loss, sim_points=100, sim_base_points=80, pp_points=100, pp_form="cce",
                  pp_pairing="cross_image")
     crit = DualSimilarityLoss.from_config(lc, mask_dim=6, simnet_width=16)
+    assert len([m for m in crit.simnet.blocks[0].modules() if isinstance(m, torch.nn.Linear)]) == lc.simnet_block_convs
     assert (crit.sim_points, crit.sim_base_points, crit.pp_points, crit.pp_form, crit.pp_pairing) == \
         (100, 80, 100, "cce", "cross_image")
     calls = _count_calls(crit)
@@ -326,6 +351,30 @@ def test_dual_loss_explicit_flags_and_from_config():
     out = crit(outputs, targets, torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]),
                torch.Generator().manual_seed(0), sim_enabled=False, pp_enabled=False)
     assert out == {} and not calls
+
+
+def test_criterion_leaves_dist_loss_out_before_pp_start():
+    """loss.pp_start = 5: steps 0-4 have no DistLoss (and no teacher call), step 5 on has it."""
+    from pipeline.data.targets import weak_shot_targets
+    from pipeline.engine.train import build_criterion
+    p = build_params(file_params())
+    p = replace(p, model=replace(p.model, mask_dim=6),
+                loss=replace(p.loss, pp_start=5, pp_weight=0.5, sim_points=10, sim_base_points=8, pp_points=10))
+    torch.manual_seed(0)
+    crit = build_criterion(p, 6, [0, 1, 2, 3], [4, 5])
+    calls = _count_calls(crit.similarity)
+    outputs, raw = _random_batch()
+    targets = weak_shot_targets(torch.stack([t["sem_seg"] for t in raw]), torch.stack([t["valid"] for t in raw]),
+                                torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]))
+    keys = {}
+    for step in (0, 4, 5, None):
+        n = len(calls)
+        keys[step] = set(crit(outputs, targets, torch.Generator().manual_seed(0), step=step))
+        keys[step, "simnet calls"] = len(calls) - n
+    assert "loss_pp" not in keys[0] and "loss_pp" not in keys[4] and "loss_sim" in keys[0]
+    assert keys[5] == keys[None] == keys[0] | {"loss_pp"}
+    assert (keys[0, "simnet calls"], keys[5, "simnet calls"]) == (1, 2)      # SimLoss; SimLoss + teacher
+    assert crit.weight_dict["loss_pp"] == 0.5
 
 
 def test_dual_loss_deterministic_with_generator():

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import SyntheticConfig
+from pipeline.data import IGNORE
 from pipeline.io import atomic_dir, write_json
 
 # name, isthing, colour 1 (RGB), colour 2 (RGB), texture, period (pixels at 128 px), angle (deg)
@@ -95,7 +96,6 @@ SPLIT_CODES = {"train": 0, "test": 1}
 
 # Unlabelled pixels (label 255 in train and test), as in the real data: a background region of
 # clutter in CLUTTER_REGION_P of the images, and 0/1/2 clutter objects with these probabilities.
-IGNORE = 255
 CLUTTER_REGION_P = 0.5
 CLUTTER_OBJECTS_P = (0.3, 0.45, 0.25)
 _CLUTTER_KINDS = ("stripes", "waves", "checker", "dots", "grid", "rings", "sectors", "noise")

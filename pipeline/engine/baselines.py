@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..data import IGNORE
 from ..data.dataset import read_image, read_label
 from .metrics import compute_metrics, confusion_matrix
-
-IGNORE = 255
 
 
 def _subsample(entries: list[dict], cap: int) -> list[dict]:

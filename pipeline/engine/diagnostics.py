@@ -146,7 +146,7 @@ def similarity_diagnostics(base_ids: torch.Tensor, novel_ids: torch.Tensor, seed
             targets = weak_shot_targets(sem_seg, valid, base_ids.to(device), novel_ids.to(device), oracle)
             gen = torch.Generator().manual_seed(seed * 7_919 + state.step)
             outputs = model(images)
-            losses = criterion(outputs, targets, gen)
+            losses = criterion(outputs, targets, gen, step=state.step - 1)     # the step just taken
             # on the pixel decoder; when it is frozen (train.freeze), on the trainable rest of the model
             params = [q for q in model.pixel_decoder.parameters() if q.requires_grad] or \
                 [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("backbone.")]

@@ -201,7 +201,7 @@ def train_step(tr: Training, batch: dict, mark: Callable[[str], None] | None = N
     if tr.fast.amp:            # matching and losses run outside autocast, in fp32 (SimNet's weights are fp32)
         outputs = _float_outputs(outputs)
     mark("forward")
-    losses = state.criterion(outputs, targets, gen)
+    losses = state.criterion(outputs, targets, gen, step=state.step)
     loss = state.criterion.total(losses)
     _check_finite(losses, state.step, hint)
     mark("match_loss")

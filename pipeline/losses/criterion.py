@@ -154,7 +154,10 @@ class SetCriterion(nn.Module):
                                                      cfg.focal_gamma, self.normalizer)
         return losses, indices
 
-    def forward(self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None) -> dict:
+    def forward(self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None,
+                step: int | None = None) -> dict:
+        """The enabled losses, unweighted. ``step``: the training step (0-based); DistLoss is left
+        out before ``loss.pp_start`` (``None``: always in, when its weight is > 0)."""
         losses, _ = self.layer_losses(outputs, targets, generator)
         if self.cfg.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
@@ -162,6 +165,8 @@ class SetCriterion(nn.Module):
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         if self.similarity is not None:
             kw = {} if self.normalizer is None else {"normalizer": self.normalizer}
+            if step is not None and step < self.cfg.pp_start:
+                kw["pp_enabled"] = False
             losses.update(self.similarity(outputs, targets, self.base_ids, self.novel_ids, generator, **kw))
         return {k: v for k, v in losses.items() if k in self.weight_dict}
 

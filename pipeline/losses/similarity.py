@@ -408,9 +408,10 @@ class DualSimilarityLoss(nn.Module):
 
     def __init__(self, mask_dim: int, sim_weight: float = 1.0, pp_weight: float = 0.3,
                  sim_points: int = 100, sim_base_points: int = 80, pp_points: int = 100,
-                 pp_form: str = "cce", pp_pairing: str = "cross_image", simnet_width: int = 256):
+                 pp_form: str = "cce", pp_pairing: str = "cross_image", simnet_width: int = 256,
+                 simnet_block_convs: int = 1):
         super().__init__()      # (pp_form, pp_pairing, sim_base_points: checked where they are used)
-        self.simnet = SimNet(mask_dim, simnet_width)
+        self.simnet = SimNet(mask_dim, simnet_width, block_convs=simnet_block_convs)
         self.stats = SimilarityStats()
         self.sim_weight = float(sim_weight)
         self.pp_weight = float(pp_weight)
@@ -426,7 +427,7 @@ class DualSimilarityLoss(nn.Module):
         return cls(mask_dim, sim_weight=loss_cfg.sim_weight, pp_weight=loss_cfg.pp_weight,
                    sim_points=loss_cfg.sim_points, sim_base_points=loss_cfg.sim_base_points,
                    pp_points=loss_cfg.pp_points, pp_form=loss_cfg.pp_form, pp_pairing=loss_cfg.pp_pairing,
-                   simnet_width=simnet_width)
+                   simnet_width=simnet_width, simnet_block_convs=loss_cfg.simnet_block_convs)
 
     @property
     def weight_dict(self) -> dict[str, float]:

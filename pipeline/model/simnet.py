@@ -6,7 +6,8 @@ A 1x1 convolution over a set of pixel pairs is a per-pair linear map, so every l
 ``Linear`` over the pair axis followed by ``BatchNorm1d`` over that axis (the pairs are the
 batch of the normalisation): a stem ``2C -> width`` (linear + BN + ReLU), three residual
 blocks of (linear + BN + ReLU) at ``width``, and a 2-way head. Softmax over the two
-channels; the similarity probability is channel 1 ("same class").
+channels; the similarity probability is channel 1 ("same class"). ``block_convs=2`` gives the
+released code's block instead: two (linear + BN) per block, ``ReLU(x + BN(W2 ReLU(BN(W1 x))))``.
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from torch import nn
 
 
 class _ResidualBlock(nn.Module):
-    """``y = ReLU(x + BN(W x))``: a 1x1 conv + BatchNorm + ReLU with an identity shortcut."""
+    """``y = ReLU(x + BN(W x))``: a 1x1 conv + BatchNorm + ReLU with an identity shortcut; with
+    ``convs=2``, ``y = ReLU(x + BN(W2 ReLU(BN(W1 x))))`` (the released code's block)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, convs: int = 1):
         super().__init__()
-        self.fc = nn.Linear(width, width, bias=False)
-        self.bn = nn.BatchNorm1d(width)
+        layers = []
+        for i in range(convs):
+            layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)] + ([nn.ReLU()] if i < convs - 1 else [])
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn(self.fc(x)))
+        return F.relu(x + self.body(x))
 
 
 class SimNet(nn.Module):
@@ -36,14 +40,15 @@ class SimNet(nn.Module):
     greater than 1 there.
     """
 
-    def __init__(self, in_dim: int, width: int = 256, num_blocks: int = 3):
+    def __init__(self, in_dim: int, width: int = 256, num_blocks: int = 3, block_convs: int = 1):
         super().__init__()
-        if in_dim < 1 or width < 1 or num_blocks < 0:
-            raise ValueError(f"SimNet: bad sizes in_dim={in_dim}, width={width}, num_blocks={num_blocks}")
+        if in_dim < 1 or width < 1 or num_blocks < 0 or block_convs not in (1, 2):
+            raise ValueError(f"SimNet: bad sizes in_dim={in_dim}, width={width}, num_blocks={num_blocks}, "
+                             f"block_convs={block_convs} (1 or 2)")
         self.in_dim = in_dim
         self.width = width
         self.stem = nn.Sequential(nn.Linear(2 * in_dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU())
-        self.blocks = nn.Sequential(*[_ResidualBlock(width) for _ in range(num_blocks)])
+        self.blocks = nn.Sequential(*[_ResidualBlock(width, block_convs) for _ in range(num_blocks)])
         self.head = nn.Linear(width, 2)
 
     def logits(self, f_a: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:

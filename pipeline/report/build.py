@@ -186,9 +186,8 @@ def sweep_section(r: Inputs) -> Section | None:
     sweep = ev.sweep_frame(cells, weights)
     path, link = _figure(r, "Novel and base mIoU against the DistLoss weight", "pp_weight_sweep.png")
     ev.plot_sweep(sweep, path)
-    return Section("DistLoss weight sweep", "Full SimFormer with only `loss.pp_weight` changed (`+complementary` "
-                   "trains the same model as pp_weight 0: SimLoss alone reads detached features and changes no "
-                   "weight of the model). Mean ± std over seeds.\n\n" + ev.sweep_markdown(sweep) + "\n" + link,
+    return Section("DistLoss weight sweep", "Full SimFormer with only `loss.pp_weight` changed. Mean ± std over "
+                   "seeds.\n\n" + ev.sweep_markdown(sweep) + "\n" + link,
                    {"DistLoss weight sweep": path})
 
 
