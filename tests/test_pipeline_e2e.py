@@ -162,6 +162,11 @@ def test_repro_writes_every_output(project: Path):
             for s in (3, 4)]
     assert grid["full"]["mIoU_novel"]["n"] == 2
     assert grid["full"]["mIoU_novel"]["mean"] == pytest.approx(sum(full) / 2, abs=1e-4)
+    # the trivial-baselines table gives each grid variant's mean pixel accuracy over its cells
+    pacc = [json.loads((project / "data" / "ablation" / f"full-{s}" / "metrics.json").read_text())["pAcc"]
+            for s in (3, 4)]
+    row = next(line for line in ablation.splitlines() if line.startswith("| grid: full (mean of 2 seeds) |"))
+    assert row.split("|")[-2].strip() == f"{sum(pacc) / 2:.1f}"
 
 
 def test_dvc_metrics_are_only_metrics(project: Path):

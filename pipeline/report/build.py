@@ -111,10 +111,11 @@ def baselines_section(r: Inputs) -> Section | None:
     models = {"main model (this report)": r.metrics}
     if r.grid is not None:
         t = r.grid.table.set_index("variant")
+        pacc = r.grid.cell_rows().groupby("variant")["pAcc"].mean()
         for v in t.index:
             models[f"grid: {v} (mean of {int(t.loc[v, 'n'])} seeds)"] = {
                 "mIoU": t.loc[v, "mIoU_mean"], "mIoU_base": t.loc[v, "mIoU_base_mean"],
-                "mIoU_novel": t.loc[v, "mIoU_novel_mean"], "hIoU": t.loc[v, "hIoU_mean"]}
+                "mIoU_novel": t.loc[v, "mIoU_novel_mean"], "hIoU": t.loc[v, "hIoU_mean"], "pAcc": pacc.get(v)}
     return Section("Trivial baselines", ev.quick_look_banner(r.metrics, r.baselines)
                    + "A model is worth reporting only well above these.\n\n" + ev.baselines_markdown(r.baselines, models))
 
