@@ -22,9 +22,9 @@ class _ResidualBlock(nn.Module):
 
     def __init__(self, width: int, convs: int = 1):
         super().__init__()
-        layers = []
-        for i in range(convs):
-            layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)] + ([nn.ReLU()] if i < convs - 1 else [])
+        layers = [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)]
+        if convs == 2:
+            layers += [nn.ReLU(), nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
