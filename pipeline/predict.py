@@ -70,8 +70,8 @@ def is_mlflow_reference(ref: str) -> bool:
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else this repository's store (as the stages use it)."""
-    from . import tracking
-    return tracking.tracking_uri(tracking.store_root())
+    from . import repo, tracking
+    return tracking.tracking_uri(repo.store_root())
 
 
 def find_checkpoint(folder: str | os.PathLike) -> Path:

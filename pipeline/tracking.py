@@ -1,15 +1,9 @@
-"""MLflow tracking: one store per repository, one experiment per dataset and split.
-
-Store: ``$MLFLOW_TRACKING_URI`` (a shared ``mlflow server``), else SQLite ``<root>/mlflow.db`` with
-artifacts in ``<root>/mlartifacts/<experiment>/``, recorded relative to the root so that a copied
-repository keeps them (hence MLflow works from the root: :func:`using_store`). The root is
-``$DVC_ROOT`` (set by DVC also for ``dvc exp run --temp`` and queued runs in ``.dvc/tmp/exps/``),
-else the git top level. One run per trained thing, found again by its ``params_hash`` tag: resumed
-when unfinished, or reopened to add results, never moved nor re-finished. Ablation grids link their
-cells' runs to a parent run: :func:`pipeline.ablation.sync_grid`. A store that cannot be opened
-fails before any work (:class:`TrackingError`); a later failure, once MLflow's own waiting is over
-(SQLite busy timeout, HTTP retries), is warned about (the DVC outputs are the record, MLflow the
-index) or raised (``strict``). MLflow is imported on use only.
+"""MLflow tracking: one store per repository, one experiment per dataset and split, one run per
+trained thing (found again by its ``params_hash`` tag: resumed when unfinished, reopened to add
+results, never moved nor re-finished). Store, root and artifact layout: docs/ARCHITECTURE.md
+("MLflow"). A store that cannot be opened fails before any work (:class:`TrackingError`); a later
+failure is warned about (the DVC outputs are the record, MLflow the index) or raised (``strict``).
+MLflow is imported on use only.
 """
 import contextlib
 import logging
@@ -17,9 +11,10 @@ import math
 import os
 import re
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any, Mapping
+
+from .repo import git_commit
 
 log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
@@ -28,26 +23,6 @@ INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be opened or written."""
-
-
-def _git(root, *args: str) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def git_commit(root) -> str:
-    """``git rev-parse HEAD`` at ``root``; ``"unknown"`` outside a repository or without git."""
-    return _git(root, "rev-parse", "HEAD") or "unknown"
-
-
-def store_root(cwd=None) -> Path:
-    """``$DVC_ROOT`` if set, else the git top level of ``cwd``, else ``cwd`` (absolute)."""
-    cwd = Path.cwd() if cwd is None else Path(cwd)
-    root = os.environ.get("DVC_ROOT", "").strip() or _git(cwd, "rev-parse", "--show-toplevel") or cwd
-    return Path(root).expanduser().resolve()
 
 
 def _server() -> str:        # empty for the embedded store
@@ -116,11 +91,9 @@ def open_client(root, timeout: float = 30.0):
 
 @contextlib.contextmanager
 def using_store(root):
-    """MLflow's fluent API (``mlflow.pyfunc.load_model("models:/...")``, ``mlflow.search_runs``) on
-    the store of ``root``, from the root; restores the tracking URI, ``$MLFLOW_TRACKING_URI`` (which
-    ``set_tracking_uri`` sets, for child processes to inherit) and the working directory."""
+    """MLflow's fluent API (``mlflow.pyfunc.load_model``, ``mlflow.search_runs``) on the store of ``root``, from
+    the root; restores the URI, ``$MLFLOW_TRACKING_URI`` (set for child processes) and the working directory."""
     import mlflow
-
     before, uri = os.environ.get("MLFLOW_TRACKING_URI"), tracking_uri(root)
     with _from_root(root):
         mlflow.set_tracking_uri(uri)
@@ -145,20 +118,14 @@ def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list
     """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped)."""
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
-
     ts = get_current_time_millis()
     return [Metric(metric_key(k), float(v), ts, int(step or 0)) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 class RunTracker(contextlib.AbstractContextManager):
-    """One MLflow run of one stage execution, ended FINISHED, FAILED on an exception, KILLED on
-    KeyboardInterrupt (a reopened FINISHED run is left as it was)::
-
-        with RunTracker(store_root(), experiment_name("synthetic", 1)) as tr:
-            tr.start(params_hash(p), "train", flatten(to_dict(p)), params_text, {"stage": "train"})
-            tr.log_metrics({"loss": 0.5}, step=10)
-    """
+    """One MLflow run of one stage execution (:meth:`start`; use: ``stages/_common.py``), ended FINISHED,
+    FAILED on an exception, KILLED on KeyboardInterrupt (a reopened FINISHED run is left as it was)."""
 
     def __init__(self, root, experiment: str, *, timeout: float = 30.0, strict: bool = False):
         self.root, self.experiment, self.timeout, self.strict = Path(root).resolve(), experiment, timeout, strict

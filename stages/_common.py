@@ -130,9 +130,9 @@ def open_tracker(p: Params, params_text: str, tags: dict, run_name: str, phash: 
                  include_finished: bool = False):
     """Start, resume or reopen (by params hash) this config's MLflow run; fails before any work
     when the store cannot be opened. ``params_text`` is logged as the run's params.yaml."""
-    from pipeline import tracking
+    from pipeline import repo, tracking
     from pipeline.config import flatten, params_hash, to_dict
-    tracker = tracking.RunTracker(tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split))
+    tracker = tracking.RunTracker(repo.store_root(), tracking.experiment_name(p.data.dataset, p.data.split))
     tracker.start(phash or params_hash(p), tracking.run_name(run_name), flatten(to_dict(p)), params_text, tags=tags,
                   include_finished=include_finished)
     return tracker

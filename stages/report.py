@@ -35,7 +35,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from pipeline import tracking
+    from pipeline import repo, tracking
     from pipeline.ablation import cell_runs, grid_hash, parse_ablation, pp_weight_sweep, sync_grid
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
@@ -55,7 +55,7 @@ def main() -> None:
         title=p.report.title, dataset=p.data.dataset, split=p.data.split, metrics=read_json(args.metrics),
         per_class=pd.read_csv(args.per_class, keep_default_na=False, na_values=[""]), curve=pd.read_csv(args.curve),
         report_dir=args.out.parent, figures_dir=args.figures, smoothing=p.report.smoothing, retrain=retrain, grid=grid,
-        run={"commit": tracking.git_commit(Path.cwd()), "experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
+        run={"commit": repo.git_commit(Path.cwd()), "experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "iterations": p.train.iterations,
              "seed": p.base.seed, "changed": changed_params(args.params, raw)},
         qualitative=(args.model, args.dataset_dir, read_json(args.split_dir / "index.json")) if have_model else None,
@@ -69,7 +69,7 @@ def main() -> None:
         summary = {f"{v}.{m}.{stat}": x for v, ms in ab.ablation_summary(table).items() for m, st in ms.items()
                    for stat, x in st.items() if stat != "n" and x is not None}
         out = sync_grid(
-            tracking.store_root(), tracking.experiment_name(p.data.dataset, p.data.split),
+            repo.store_root(), tracking.experiment_name(p.data.dataset, p.data.split),
             grid_hash([c["params_hash"] for c in runs]),
             {"ablation.seeds": g.seeds, "ablation.iterations": g.iterations, "ablation.variants": ",".join(variants),
              "cells": len(runs)}, runs, summary, params_text,

@@ -33,6 +33,8 @@ NOT_DEPS = {"data/raw": "download cache of the official archives (verified by ch
 # Project modules no stage's DVC outputs depend on, and why.
 NOT_CODE_DEPS = {"pipeline/tracking.py": "MLflow logging only: it computes no DVC output (and a DVC run-cache "
                                          "hit restores the outputs without running it)",
+                 "pipeline/repo.py": "the repository's root (for the MLflow store) and git commit: run metadata, "
+                                     "no computed result depends on it",
                  "pipeline/serving.py": "the MLflow pyfunc wrapper of a trained model: MLflow logging only",
                  "pipeline/jobs.py": "how many CPU threads a run uses: no DVC output depends on it (the thread "
                                      "count is recorded as an MLflow tag; README, Reproducibility)"}

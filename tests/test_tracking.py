@@ -11,12 +11,11 @@ import pytest
 
 from pipeline.ablation import sync_grid
 from pipeline.config import build_params, flatten, params_hash, to_dict
+from pipeline.repo import git_commit, store_root
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
     experiment_name,
-    git_commit,
-    store_root,
     tracking_uri,
     using_store,
 )

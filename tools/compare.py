@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
     args = ap.parse_args()
 
-    from pipeline import tracking
+    from pipeline import repo, tracking
     from pipeline.config import ConfigError
 
     experiment = args.experiment
@@ -45,7 +45,7 @@ def main() -> None:
             raise ConfigError(f"--tag {t!r}: expected KEY=VALUE")
         k, v = t.split("=", 1)
         wanted.setdefault(k, []).append(v)
-    df = search_runs_frame(tracking.store_root(), experiment, wanted)
+    df = search_runs_frame(repo.store_root(), experiment, wanted)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
     table = runs_table(df, columns, args.group_by)
     if table.empty:

@@ -122,7 +122,7 @@ def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
 def environment(device: torch.device) -> dict:
     import torchvision
 
-    from ..tracking import git_commit
+    from ..repo import git_commit
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     cpu = next((s.split(":", 1)[1].strip() for s in cpuinfo if s.startswith("model name")), platform.processor())
     cuda = device.type == "cuda"

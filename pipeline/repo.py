@@ -1,0 +1,25 @@
+"""The repository a run belongs to: its root (where the MLflow store lives) and its git commit."""
+import os
+import subprocess
+from pathlib import Path
+
+
+def _git(root, *args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def git_commit(root) -> str:
+    """``git rev-parse HEAD`` at ``root``; ``"unknown"`` outside a repository or without git."""
+    return _git(root, "rev-parse", "HEAD") or "unknown"
+
+
+def store_root(cwd=None) -> Path:
+    """The repository root, absolute: ``$DVC_ROOT`` if set (DVC sets it also for ``dvc exp run --temp``
+    and queued runs, which run in ``.dvc/tmp/exps/``), else the git top level of ``cwd``, else ``cwd``."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    root = os.environ.get("DVC_ROOT", "").strip() or _git(cwd, "rev-parse", "--show-toplevel") or cwd
+    return Path(root).expanduser().resolve()
