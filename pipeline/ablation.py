@@ -5,6 +5,7 @@
     ablation:
       seeds: [6, 7]
       iterations: 150          # training iterations of a cell; 0 = train.iterations
+      workers: 2               # cells trained at once (the ablate stage)
       variants:
         baseline: {loss: {comp_weight: 0.0, sim_weight: 0.0, pp_weight: 0.0}}
         full: {}
@@ -36,21 +37,22 @@ class Ablation:
     iterations: int
     variants: dict[str, dict]        # the variants trained (``ablation.run``), in that order
     declared: dict[str, dict] = field(default_factory=dict)   # every variant of ``ablation.variants``
+    workers: int = 1                 # cells trained at once, each in its own process
 
     def cells(self) -> list[tuple[str, int]]:
-        """(variant, seed) in the order DVC's matrix expands them: variants outer, seeds inner."""
+        """(variant, seed): variants outer (``ablation.run`` order), seeds inner."""
         return [(v, s) for v in self.variants for s in self.seeds]
 
 
 def cell_key(variant: str, seed: int) -> str:
-    """The DVC matrix key of a cell: ``<variant>-<seed>`` (also its output folder name)."""
+    """The key of a cell: ``<variant>-<seed>`` (also its output and checkpoint folder names)."""
     return f"{variant}-{seed}"
 
 
 def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
     """Validate the ``ablation`` group (structure only; overrides are checked by :func:`cell_params`)."""
     raw = dict(raw or {})
-    allowed = {"seeds", "iterations", "variants", "run"}
+    allowed = {"seeds", "iterations", "variants", "run", "workers"}
     for k in raw:
         if k not in allowed:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
@@ -68,6 +70,10 @@ def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ConfigError(f"params key 'ablation.iterations': expected an integer >= 0 (0 = train.iterations), "
                           f"got {iterations!r}")
+    workers = raw["workers"]
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"params key 'ablation.workers': expected an integer >= 1 (cells trained at once), "
+                          f"got {workers!r}")
     variants = raw["variants"]
     if not isinstance(variants, Mapping) or not variants:
         raise ConfigError("params key 'ablation.variants': expected a mapping of variant name -> overrides")
@@ -88,7 +94,7 @@ def parse_ablation(raw: Mapping[str, Any] | None) -> Ablation:
         raise ConfigError(f"params key 'ablation.run': {unknown[0]!r} is not a variant of ablation.variants; "
                           f"declared: {', '.join(variants)}")
     return Ablation(tuple(seeds), iterations, {k: dict(variants[k] or {}) for k in run},
-                    {k: dict(v or {}) for k, v in variants.items()})
+                    {k: dict(v or {}) for k, v in variants.items()}, workers)
 
 
 def _merge(base: dict, over: Mapping, where: str) -> dict:

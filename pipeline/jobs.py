@@ -1,4 +1,4 @@
-"""CPU threads for training processes that share one machine.
+"""CPU threads for training processes that share one machine, and a pool that runs jobs side by side.
 
 Torch starts as many threads as there are cores in every process, so two trainings run
 side by side (``dvc queue start -j 2``) each spin that many threads over the same cores,
@@ -95,3 +95,52 @@ class CoreShare:
                 self._path.unlink()
             self._fh.close()
             self._fh = None
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    """A pool worker: SIGTERM (the pool stopping it) ends the job like Ctrl-C, so its MLflow run is
+    marked KILLED and its last checkpoint is kept."""
+    import signal
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _call(task):
+    fn, i, job = task
+    return i, fn(job)
+
+
+def run_parallel(fn, jobs: list, workers: int, on_done=None) -> list:
+    """``fn(job)`` for every job, ``workers`` at a time, each in its own process; the results in the
+    order of ``jobs``. Jobs start in the order given (put the longest first). ``fn`` must be a
+    module-level function; ``on_done(job, result)`` is called in this process as each job ends.
+
+    ``workers`` <= 1 (or a single job) runs the jobs here, one after the other. Otherwise the workers
+    are spawned processes (never forked: torch's thread pools do not survive a fork). The first
+    failure stops the others (terminated: SIGTERM, which they turn into KeyboardInterrupt) and is
+    raised here, with its own type and message.
+    """
+    done = on_done or (lambda job, result: None)
+    if workers <= 1 or len(jobs) <= 1:
+        out = []
+        for job in jobs:
+            out.append(fn(job))
+            done(job, out[-1])
+        return out
+    import multiprocessing
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
+    results = {}
+    try:
+        for i, result in pool.imap_unordered(_call, [(fn, i, job) for i, job in enumerate(jobs)], chunksize=1):
+            results[i] = result
+            done(jobs[i], result)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return [results[i] for i in range(len(jobs))]

@@ -38,7 +38,7 @@ def test_default_grid_declares_the_paper_variants_and_trains_the_ordered_ones_ov
 ])
 def test_bad_run_list_names_the_key(run, message):
     with pytest.raises(ConfigError) as e:
-        parse_ablation({"seeds": [6], "iterations": 0, "run": run, "variants": {"full": {}}})
+        parse_ablation({"seeds": [6], "iterations": 0, "workers": 1, "run": run, "variants": {"full": {}}})
     assert message in str(e.value)
 
 
@@ -64,12 +64,15 @@ def test_full_cell_shares_main_training_only_when_params_equal():
 
 
 @pytest.mark.parametrize("ablation, message", [
-    ({"seeds": [6, 6], "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
-    ({"seeds": "6", "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
-    ({"seeds": [6], "iterations": 0, "run": ["a b"], "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
-    ({"seeds": [6], "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
+    ({"seeds": [6, 6], "iterations": 0, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a seed"),
+    ({"seeds": "6", "iterations": 0, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
+    ({"seeds": [6], "iterations": 0, "workers": 1, "run": ["a b"], "variants": {"a b": {}}}, "variant name 'a b' must be a non-empty string"),
+    ({"seeds": [6], "workers": 1, "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
     ({"seeds": [6], "variant": {}}, "unknown params key 'ablation.variant'. Did you mean 'ablation.variants'?"),
-    ({"seeds": [6], "iterations": -1, "run": ["a"], "variants": {"a": {}}}, "'ablation.iterations': expected an integer >= 0"),
+    ({"seeds": [6], "iterations": -1, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.iterations': expected an integer >= 0"),
+    ({"seeds": [6], "iterations": 0, "workers": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.workers': expected an integer >= 1 (cells trained at once), got 0"),
+    ({"seeds": [6], "iterations": 0, "workers": "2", "run": ["a"], "variants": {"a": {}}}, "'ablation.workers': expected an integer >= 1 (cells trained at once), got '2'"),
+    ({"seeds": [6], "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.workers' is missing"),
 ])
 def test_bad_grid_structure(ablation, message):
     with pytest.raises(ConfigError) as e:
@@ -78,7 +81,7 @@ def test_bad_grid_structure(ablation, message):
 
 
 def test_bad_override_names_variant_and_key():
-    grid = parse_ablation({"seeds": [6], "iterations": 0, "run": ["typo"],
+    grid = parse_ablation({"seeds": [6], "iterations": 0, "workers": 1, "run": ["typo"],
                            "variants": {"typo": {"loss": {"pp_wieght": 0.5}}}})
     with pytest.raises(ConfigError) as e:
         cell_params(RAW, grid, "typo", 6)
@@ -90,11 +93,14 @@ def test_grid_hash_is_order_free_and_content_sensitive():
     assert cell_key("+complementary", 6) == "+complementary-6"
 
 
-def test_dvc_expands_the_grid_to_the_expected_stage_names():
+def test_dvc_runs_the_whole_grid_in_one_stage():
+    """One `ablate` stage trains every cell (ablation.workers at a time) and depends on the whole
+    `ablation` group: a changed variant re-runs it, and its finished cells are only evaluated again."""
     dvc = Path(sys.executable).parent / "dvc"
     out = subprocess.run([str(dvc), "stage", "list", "--name-only"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.split()
-    grid = parse_ablation(RAW["ablation"])
-    expected = [f"ablate@{cell_key(v, s)}" for v, s in grid.cells()]
-    assert [s for s in out if s.startswith("ablate@")] == expected
-    assert {"download", "prepare", "train", "evaluate", "retrain", "report"} <= set(out)
+    assert out == ["download", "prepare", "baselines", "pretrain", "train", "evaluate", "retrain", "ablate", "report"]
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["ablate"]
+    assert "ablation" in stage["params"] and "matrix" not in stage
+    assert stage["outs"][0] == "data/ablation"
+    assert stage["outs"][1] == {"data/checkpoints_ablation": {"persist": True, "cache": False}}

@@ -29,8 +29,9 @@ TINY = {
     "pretrain": {"iterations": 3, "batch_size": 4},
     "pseudo": {"enabled": True, "iterations": 2},
 }
-# Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training.
-TINY_ABLATION = {"seeds": [3, 4], "iterations": 0, "run": ["baseline", "full"],
+# Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training. Two
+# workers: the three cells that train run two at a time, in spawned processes (train.threads 1).
+TINY_ABLATION = {"seeds": [3, 4], "iterations": 0, "workers": 2, "run": ["baseline", "full"],
                  "variants": {"baseline": {"loss": {"comp_weight": 0.0, "sim_weight": 0.0, "pp_weight": 0.0}},
                               "full": {}}}
 
@@ -330,7 +331,7 @@ def test_exp_run_reruns_only_loss_readers_and_keeps_the_first_grid(project: Path
     out = r.stdout + r.stderr
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'report'" in out
     assert "Running stage 'download'" not in out and "Running stage 'prepare'" not in out
-    assert "Running stage 'ablate@full-4'" in out
+    assert "Running stage 'ablate'" in out and "cell full-4: mIoU" in out
     tags = run_tags(project)
     parents = [r for r, t in tags.items() if t.get("role") == "ablation_grid"]
     assert len(parents) == 2                                         # one per grid

@@ -36,8 +36,10 @@ NOT_CODE_DEPS = {"pipeline/tracking.py": "MLflow logging only: it computes no DV
                  "pipeline/repo.py": "the repository's root (for the MLflow store) and git commit: run metadata, "
                                      "no computed result depends on it",
                  "pipeline/serving.py": "the MLflow pyfunc wrapper of a trained model: MLflow logging only",
-                 "pipeline/jobs.py": "how many CPU threads a run uses: no DVC output depends on it (the thread "
-                                     "count is recorded as an MLflow tag; README, Reproducibility)"}
+                 "pipeline/jobs.py": "how many CPU threads a run uses and the pool that runs ablation cells side by "
+                                     "side: no DVC output depends on it (the thread count follows params the stage "
+                                     "declares and is recorded in cell.json and an MLflow tag; README, "
+                                     "Reproducibility)"}
 
 
 def _module_file(name: str) -> Path | None:
@@ -257,7 +259,7 @@ def stage_runs(tmp_path_factory) -> dict:
     raw["train"]["iterations"] = 2
     raw["model"]["pretrained"] = "weak_shot"            # the pretrain stage's weights reach train / ablate / retrain
     raw["pretrain"].update({"iterations": 2, "batch_size": 2})
-    raw["ablation"] = {"seeds": [6], "iterations": 2, "run": ["baseline"],
+    raw["ablation"] = {"seeds": [6], "iterations": 2, "workers": 1, "run": ["baseline"],
                        "variants": {"baseline": raw["ablation"]["variants"]["baseline"]}}
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "HARNESS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
