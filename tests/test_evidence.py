@@ -195,3 +195,24 @@ def test_report_calls_a_model_short_of_the_convergence_target_a_quick_look():
     assert quick_look_banner({"mIoU": 73.5, "pAcc": 90.0}, base) != ""     # mIoU just short
     assert quick_look_banner({"mIoU": 73.6, "pAcc": 79.9}, base) != ""     # pAcc just short
     assert quick_look_banner({"mIoU": 73.6, "pAcc": 80.0}, base) == ""
+
+
+# ----------------------------------------------------------------------------- training times
+def test_training_time_table_gives_steps_threads_and_seconds(tmp_path):
+    import pandas as pd
+
+    from pipeline.report.evidence import training_time_markdown
+    rows = []
+    for variant, seed, secs, threads, shared in (("full", 6, 120.0, None, True), ("full", 7, 170.0, 1, False),
+                                                 ("baseline", 6, 100.0, 1, False), ("baseline", 7, 110.0, 1, False)):
+        d = tmp_path / f"{variant}-{seed}"
+        d.mkdir()
+        pd.DataFrame({"step": [400, 800], "seconds": [secs / 2, secs]}).to_csv(d / "curve.csv", index=False)
+        rows.append({"variant": variant, "seed": seed, "cell_dir": str(d), "torch_threads": threads,
+                     "shared_with_main": shared})
+    main = pd.DataFrame({"step": [800], "seconds": [120.4]})
+    assert training_time_markdown(pd.DataFrame(rows), main).splitlines() == [
+        "| run | steps | torch threads | training time (s) |", "|---|---|---|---|",
+        "| main model | 800 | (train stage) | 120 |",
+        "| full (2 cells) | 800 | 1 | 145 mean (120-170) |",          # the shared cell's threads are the main's
+        "| baseline (2 cells) | 800 | 1 | 105 mean (100-110) |"]

@@ -1,11 +1,14 @@
-"""CPU threads shared by the trainings running on one machine (pipeline/jobs.py)."""
+"""CPU threads shared by the trainings running on one machine, and the pool that runs ablation
+cells side by side (pipeline/jobs.py)."""
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from pipeline.jobs import CoreShare, cores, running
+from pipeline.jobs import CoreShare, cores, run_parallel, running
 
 HOLDER = """
 import sys, time
@@ -55,3 +58,44 @@ def test_stale_lock_files_are_not_counted(tmp_path):
     folder.mkdir()
     (folder / "999999.lock").write_text("")                # left by a process that is gone
     assert running(folder) == 0 and not (folder / "999999.lock").exists()
+
+
+def _job(job: dict) -> dict:
+    """A pool job (module level: the spawned workers import it by name)."""
+    if job.get("fail"):
+        raise ValueError(f"job {job['i']} failed on purpose")
+    start = time.time()
+    time.sleep(job.get("sleep", 0.0))
+    with CoreShare(job.get("threads", 1)):
+        threads = torch.get_num_threads()
+    return {"i": job["i"], "square": job["i"] ** 2, "pid": os.getpid(), "start": start, "end": time.time(),
+            "threads": threads}
+
+
+def test_pool_returns_results_in_job_order_from_two_processes_at_once():
+    jobs = [{"i": i, "sleep": 1.0} for i in range(4)]
+    seen = []
+    out = run_parallel(_job, jobs, 2, on_done=lambda job, r: seen.append(job["i"]))
+    assert [r["square"] for r in out] == [0, 1, 4, 9]
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert os.getpid() not in {r["pid"] for r in out} and len({r["pid"] for r in out}) == 2
+    a, b = out[0], out[1]                              # the first two jobs start together
+    assert a["start"] < b["end"] and b["start"] < a["end"]
+    assert {r["threads"] for r in out} == {1}         # fixed threads, whatever runs beside
+
+
+def test_pool_of_one_runs_here_in_order():
+    seen = []
+    out = run_parallel(_job, [{"i": 3, "threads": 2}, {"i": 5, "threads": 1}], 1,
+                       on_done=lambda job, r: seen.append(job["i"]))
+    assert [r["square"] for r in out] == [9, 25] and seen == [3, 5]
+    assert {r["pid"] for r in out} == {os.getpid()}
+    assert [r["threads"] for r in out] == [2, 1]
+
+
+def test_pool_raises_the_first_failure_and_stops_the_others():
+    jobs = [{"i": 0, "sleep": 60.0}, {"i": 1, "fail": True}, {"i": 2, "sleep": 60.0}]
+    start = time.time()
+    with pytest.raises(ValueError, match="job 1 failed on purpose"):
+        run_parallel(_job, jobs, 2)
+    assert time.time() - start < 30                   # the 60-s job was terminated, not waited for

@@ -170,6 +170,32 @@ def test_repro_writes_every_output(project: Path):
     assert row.split("|")[-2].strip() == f"{sum(pacc) / 2:.1f}"
 
 
+def test_a_cell_trained_alone_equals_the_cell_trained_beside_another(project: Path, tmp_path: Path):
+    """The grid trained two cells at a time (ablation.workers 2); full-4 trained again alone, in this
+    process's pool of one, with the same fixed threads, gives the same losses and metrics to the bit."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ablation"]["workers"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = [sys.executable, "-m", "stages.ablate", "--params", str(tmp_path / "params.yaml"), "--cell", "full-4",
+           "--main-model", "data/train/model.pt", "--dataset-dir", "data/dataset", "--split-dir", "data/split",
+           "--init", "data/pretrain/init.pt", "--checkpoints", str(tmp_path / "ck"), "--out", str(tmp_path / "out"),
+           "--no-mlflow", "--no-progress"]
+    r = subprocess.run(cmd, cwd=project, env=project_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "ablation grid: 1 cells, 1 at a time, 1 torch thread(s) each: full-4" in r.stdout
+    grid_cell, alone = project / "data" / "ablation" / "full-4", tmp_path / "out" / "full-4"
+    assert sorted(p.name for p in alone.iterdir()) == ["cell.json", "curve.csv", "metrics.json", "model.pt",
+                                                       "per_class_iou.csv"]
+    assert (alone / "curve.csv").read_text() == (grid_cell / "curve.csv").read_text()
+    assert json.loads((alone / "metrics.json").read_text()) == json.loads((grid_cell / "metrics.json").read_text())
+    cells = [json.loads((d / "cell.json").read_text()) for d in (grid_cell, alone)]
+    assert cells[0]["torch_threads"] == cells[1]["torch_threads"] == 1
+    r = subprocess.run(cmd + ["--cell", "full-9"], cwd=project, env=project_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "--cell 'full-9' is not a cell of the grid; cells: baseline-3, baseline-4, " \
+        "full-3, full-4" in r.stderr
+
+
 def test_dvc_metrics_are_only_metrics(project: Path):
     shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]

@@ -76,8 +76,8 @@ def _cell_dirs(cells_dir: Path) -> list[Path]:
 
 
 def load_cells(cells_dir) -> pd.DataFrame:
-    """One row per cell: ``variant, seed, params_hash, shared_with_main, iterations, dataset,
-    split`` (from ``cell.json``), the summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN)
+    """One row per cell: ``variant, seed, params_hash, shared_with_main, iterations, torch_threads,
+    dataset, split`` (from ``cell.json``; ``torch_threads`` None in cells written before it was recorded), the summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN)
     and ``cell_dir``. Rows are sorted by folder name.
 
     Raises ``FileNotFoundError`` naming the missing ``cell.json`` / ``metrics.json`` and
@@ -107,7 +107,8 @@ def load_cells(cells_dir) -> pd.DataFrame:
         row: dict[str, Any] = {
             "variant": variant, "seed": seed,
             "params_hash": cell.get("params_hash"), "shared_with_main": bool(cell.get("shared_with_main", False)),
-            "iterations": cell.get("iterations"), "dataset": cell.get("dataset"), "split": cell.get("split"),
+            "iterations": cell.get("iterations"), "torch_threads": cell.get("torch_threads"),
+            "dataset": cell.get("dataset"), "split": cell.get("split"),
         }
         for k in SUMMARY_KEYS:
             row[k] = _num(metrics[k], metrics_path, k)

@@ -218,24 +218,30 @@ def plot_diagnostics(diag: pd.DataFrame, out_png) -> Path:
 # ----------------------------------------------------------------------------- how long each run trained
 def training_time_markdown(cells: pd.DataFrame, main_curve: pd.DataFrame | None = None) -> str:
     """Steps and wall time of the main model and of each variant's cells (the ``seconds`` of the
-    last curve row: time in the process that finished the run)."""
+    last curve row: time in the process that finished the run), and the cells' torch threads
+    (``cell.json``; cells that trained side by side each had fewer threads, so their times are
+    not comparable with the main model's)."""
     def last(c: pd.DataFrame):
         if c is None or c.empty or "seconds" not in c:
             return None, None
         return int(c["step"].iloc[-1]), float(c["seconds"].iloc[-1])
-    lines = ["| run | steps | training time (s) |", "|---|---|---|"]
+    lines = ["| run | steps | torch threads | training time (s) |", "|---|---|---|---|"]
     s, t = last(main_curve)
     if s is not None:
-        lines.append(f"| main model | {s} | {t:.0f} |")
+        lines.append(f"| main model | {s} | (train stage) | {t:.0f} |")
     for v, sub in cells.groupby("variant", sort=False):
-        times, steps = [], set()
-        for d in sub["cell_dir"]:
-            path = Path(d) / "curve.csv"
+        times, steps, threads = [], set(), set()
+        for _, row in sub.iterrows():
+            path = Path(row["cell_dir"]) / "curve.csv"
             st, tt = last(pd.read_csv(path)) if path.is_file() else (None, None)
             if st is not None:
                 steps.add(st)
                 times.append(tt)
+                n = row.get("torch_threads")
+                if n is not None and not bool(row.get("shared_with_main")) and n == n:     # not NaN
+                    threads.add(int(n))
         if times:
             lines.append(f"| {v} ({len(times)} cells) | {', '.join(map(str, sorted(steps)))} | "
+                         f"{', '.join(map(str, sorted(threads))) or '–'} | "
                          f"{sum(times) / len(times):.0f} mean ({min(times):.0f}-{max(times):.0f}) |")
     return "\n".join(lines) + "\n"
