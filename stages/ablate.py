@@ -13,8 +13,12 @@ beside it; it is bit-identical on one machine for the same threads (cell.json an
 tag torch_threads record them). The longest cells start first.
 
 Each cell's MLflow run (found again by params hash, so running again never duplicates it)
-holds the cell's effective params file and, when it trained, its model. A finished run found
-again is not logged to a second time.
+holds the cell's effective params file and, when it trained, its model. A finished run is
+history: it is reopened only to re-evaluate the finished checkpoint it recorded, and gets only
+metrics it lacks. A cell that trains again although a finished run of its params exists (its
+checkpoint was removed), or whose finished checkpoint evaluates to other numbers than the run
+recorded (a checkpoint trained elsewhere, or with other threads), gets a new run, tagged
+``differs_from_run_id`` when the old one's metrics disagree.
 """
 from __future__ import annotations
 
@@ -26,6 +30,15 @@ from stages._common import (add_init, add_inputs, diagnostics_hook, load_init, l
                             open_tracker, parser, read_json, run, training_callbacks, write_curve, write_eval_outputs)
 
 SIMILARITY_COST = 1.7       # a step with SimLoss / DistLoss against one without (start order only)
+
+
+def finished_checkpoint(path: Path, phash: str, iterations: int) -> bool:
+    """True when ``path`` holds the final checkpoint of the params with hash ``phash``."""
+    from pipeline.engine.checkpoint import load_checkpoint
+    if not path.is_file():
+        return False
+    ck = load_checkpoint(path)
+    return ck.get("params_hash") == phash and int(ck.get("step", -1)) == iterations
 
 
 def run_cell(job: dict) -> dict:
@@ -51,11 +64,15 @@ def run_cell(job: dict) -> dict:
     tags = {"stage": "ablate", "variant": variant, "seed": str(seed)}
     # the shared cell reopens the main training's run (the main params file is its effective params)
     text = params_text if shared else params_file_text(p, f"ablation cell {variant}-{seed}")
-    tracker = None if job["no_mlflow"] else open_tracker(p, text, tags, f"{variant}-seed{seed}", include_finished=True)
-    # a reopened finished run already holds this cell's results: it only gets what it lacks
+    phash, name = params_hash(p), f"{variant}-seed{seed}"
+    # only an evaluation (shared cell, finished checkpoint) may reopen a finished run; a training gets its own
+    evaluation_only = shared or finished_checkpoint(ckpt, phash, p.train.iterations)
+    tracker = None if job["no_mlflow"] else open_tracker(p, text, tags, name, include_finished=evaluation_only)
     reopened = tracker is not None and tracker.status == "FINISHED"
     # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
-    with tracker or contextlib.nullcontext(), CoreShare(job["threads"]) as cores:
+    with contextlib.ExitStack() as runs, CoreShare(job["threads"]) as cores:
+        if tracker:
+            runs.enter_context(tracker)
         if shared:
             device = resolve_device(p.eval.device)
             model, _, _ = load_trained(Path(job["main_model"]), device)
@@ -70,9 +87,23 @@ def run_cell(job: dict) -> dict:
             history = result.history
         model.eval()
         summary, per_class, _ = evaluate_model(model, dataset_dir, index, split, p, device, progress=progress)
+        metrics = {k: v for k, v in summary.items() if k in SUMMARY_KEYS}
+        if reopened:
+            logged = tracker.client.get_run(tracker.run_id).data.metrics
+            if any(logged.get(metric_key(k), v) != v for k, v in metrics.items()):
+                # not the result that run recorded: it stays as it is, and this result gets a run of its own
+                old = tracker.run_id
+                tracker = runs.enter_context(open_tracker(p, text, {**tags, "differs_from_run_id": old}, name))
+                reopened = False
+                print(f"cell {variant}-{seed}: the finished MLflow run {old} of these params recorded other metrics; "
+                      f"logging to a new run {tracker.run_id}")
+                for rec in history:                  # the curve of the checkpoint's own training
+                    tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
+            else:
+                metrics = {k: v for k, v in metrics.items() if metric_key(k) not in logged}
         with atomic_dir(out) as tmp:
             facts = write_eval_outputs(tmp / "metrics.json", tmp / "per_class_iou.csv", summary, per_class)
-            write_json(tmp / "cell.json", {"variant": variant, "seed": seed, "params_hash": params_hash(p),
+            write_json(tmp / "cell.json", {"variant": variant, "seed": seed, "params_hash": phash,
                                            "shared_with_main": shared, "iterations": p.train.iterations,
                                            "torch_threads": cores.used[-1] if cores.used else None, **facts,
                                            "run_id": tracker.run_id if tracker else None})
@@ -80,10 +111,6 @@ def run_cell(job: dict) -> dict:
             if not shared:
                 export_model(model, p, split, tmp / "model.pt", history)
         if tracker:
-            metrics = {k: v for k, v in summary.items() if k in SUMMARY_KEYS}
-            if reopened:
-                logged = tracker.client.get_run(tracker.run_id).data.metrics
-                metrics = {k: v for k, v in metrics.items() if logged.get(metric_key(k)) != v}
             tracker.set_tags({"variant": variant, "seed": str(seed)})
             tracker.log_metrics(metrics)
             tracker.set_tags({f"eval.{k}": v for k, v in facts.items()})
@@ -137,8 +164,10 @@ def main() -> None:
              "progress": workers == 1 and not args.no_progress} for v, s in order]
     args.checkpoints.mkdir(parents=True, exist_ok=True)     # a DVC output even when nothing trains
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"ablation grid: {len(jobs)} cells, {workers} at a time, "
-          f"{threads or 'a fair share of the'} torch thread(s) each: {', '.join(cell_key(v, s) for v, s in order)}")
+    each = (f"{threads} torch thread{'s' if threads > 1 else ''} each" if threads
+            else "torch threads: a fair share of the cores")
+    print(f"ablation grid: {len(jobs)} cell{'s' if len(jobs) > 1 else ''}, {workers} at a time, {each}: "
+          + ", ".join(cell_key(v, s) for v, s in order))
     bar = tqdm(total=len(jobs), desc="cells", unit="cell", disable=args.no_progress or workers == 1)
 
     def done(job: dict, r: dict) -> None:

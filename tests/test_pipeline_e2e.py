@@ -182,11 +182,14 @@ def test_a_cell_trained_alone_equals_the_cell_trained_beside_another(project: Pa
            "--no-mlflow", "--no-progress"]
     r = subprocess.run(cmd, cwd=project, env=project_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "ablation grid: 1 cells, 1 at a time, 1 torch thread(s) each: full-4" in r.stdout
+    assert "ablation grid: 1 cell, 1 at a time, 1 torch thread each: full-4" in r.stdout
     grid_cell, alone = project / "data" / "ablation" / "full-4", tmp_path / "out" / "full-4"
     assert sorted(p.name for p in alone.iterdir()) == ["cell.json", "curve.csv", "metrics.json", "model.pt",
                                                        "per_class_iou.csv"]
-    assert (alone / "curve.csv").read_text() == (grid_cell / "curve.csv").read_text()
+    import pandas as pd
+    curves = [pd.read_csv(d / "curve.csv").drop(columns=["images_per_s", "seconds"]) for d in (grid_cell, alone)]
+    assert len(curves[0]) == 4 and {"loss", "loss_pp", "grad_DistLoss"} <= set(curves[0].columns)
+    pd.testing.assert_frame_equal(curves[0], curves[1], check_exact=True)     # every loss, to the bit
     assert json.loads((alone / "metrics.json").read_text()) == json.loads((grid_cell / "metrics.json").read_text())
     cells = [json.loads((d / "cell.json").read_text()) for d in (grid_cell, alone)]
     assert cells[0]["torch_threads"] == cells[1]["torch_threads"] == 1
@@ -194,6 +197,36 @@ def test_a_cell_trained_alone_equals_the_cell_trained_beside_another(project: Pa
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "--cell 'full-9' is not a cell of the grid; cells: baseline-3, baseline-4, " \
         "full-3, full-4" in r.stderr
+
+
+def test_a_finished_run_that_recorded_other_metrics_is_left_alone(project: Path, tmp_path: Path):
+    """A finished cell run is history: a finished checkpoint that evaluates to other numbers than
+    its run recorded (here: the run's mIoU changed by hand) gets a new run; the old one is untouched."""
+    from mlflow import MlflowClient
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    old = json.loads((copy / "data/ablation/baseline-4/cell.json").read_text())["run_id"]
+    client.log_metric(old, "mIoU", 12.5)              # as if that run had recorded another training
+    before = [(m.value, m.timestamp) for m in client.get_metric_history(old, "mIoU")]
+    cmd = [sys.executable, "-m", "stages.ablate", "--cell", "baseline-4", "--main-model", "data/train/model.pt",
+           "--dataset-dir", "data/dataset", "--split-dir", "data/split", "--init", "data/pretrain/init.pt",
+           "--checkpoints", "data/checkpoints_ablation", "--out", str(tmp_path / "out"), "--no-progress"]
+    r = subprocess.run(cmd, cwd=copy, env=project_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"the finished MLflow run {old} of these params recorded other metrics" in r.stdout
+    new = json.loads((tmp_path / "out/baseline-4/cell.json").read_text())["run_id"]
+    assert new != old
+    assert [(m.value, m.timestamp) for m in client.get_metric_history(old, "mIoU")] == before
+    run = client.get_run(new)
+    metrics = json.loads((tmp_path / "out/baseline-4/metrics.json").read_text())
+    assert run.info.status == "FINISHED" and run.data.tags["differs_from_run_id"] == old
+    assert run.data.metrics["mIoU"] == metrics["mIoU"] != 12.5
+    assert len(client.get_metric_history(new, "loss")) == 4           # the checkpoint's curve, one per step
+    r = subprocess.run(cmd, cwd=copy, env=project_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "recorded other metrics" not in r.stdout, r.stderr
+    assert json.loads((tmp_path / "out/baseline-4/cell.json").read_text())["run_id"] == new
+    assert len(client.get_metric_history(new, "mIoU")) == 1           # found again: nothing logged twice
 
 
 def test_dvc_metrics_are_only_metrics(project: Path):
