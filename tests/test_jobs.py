@@ -66,10 +66,7 @@ def _job(job: dict) -> dict:
         raise ValueError(f"job {job['i']} failed on purpose")
     start = time.time()
     time.sleep(job.get("sleep", 0.0))
-    with CoreShare(job.get("threads", 1)):
-        threads = torch.get_num_threads()
-    return {"i": job["i"], "square": job["i"] ** 2, "pid": os.getpid(), "start": start, "end": time.time(),
-            "threads": threads}
+    return {"i": job["i"], "square": job["i"] ** 2, "pid": os.getpid(), "start": start, "end": time.time()}
 
 
 def test_pool_returns_results_in_job_order_from_two_processes_at_once():
@@ -81,16 +78,14 @@ def test_pool_returns_results_in_job_order_from_two_processes_at_once():
     assert os.getpid() not in {r["pid"] for r in out} and len({r["pid"] for r in out}) == 2
     a, b = out[0], out[1]                              # the first two jobs start together
     assert a["start"] < b["end"] and b["start"] < a["end"]
-    assert {r["threads"] for r in out} == {1}         # fixed threads, whatever runs beside
 
 
 def test_pool_of_one_runs_here_in_order():
     seen = []
-    out = run_parallel(_job, [{"i": 3, "threads": 2}, {"i": 5, "threads": 1}], 1,
+    out = run_parallel(_job, [{"i": 3}, {"i": 5}], 1,
                        on_done=lambda job, r: seen.append(job["i"]))
     assert [r["square"] for r in out] == [9, 25] and seen == [3, 5]
     assert {r["pid"] for r in out} == {os.getpid()}
-    assert [r["threads"] for r in out] == [2, 1]
 
 
 def test_pool_raises_the_first_failure_and_stops_the_others():

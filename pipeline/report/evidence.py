@@ -237,9 +237,8 @@ def training_time_markdown(cells: pd.DataFrame, main_curve: pd.DataFrame | None 
             if st is not None:
                 steps.add(st)
                 times.append(tt)
-                n = row.get("torch_threads")
-                if n is not None and not bool(row.get("shared_with_main")) and n == n:     # not NaN
-                    threads.add(int(n))
+                if not row.get("shared_with_main") and pd.notna(row.get("torch_threads")):
+                    threads.add(int(row["torch_threads"]))
         if times:
             lines.append(f"| {v} ({len(times)} cells) | {', '.join(map(str, sorted(steps)))} | "
                          f"{', '.join(map(str, sorted(threads))) or '–'} | "
