@@ -15,7 +15,7 @@ import cv2
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, module_dir
 
 TINY = {
     "base": {"seed": 3},
@@ -114,10 +114,10 @@ def metric_keys(project: Path, run_id: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(request, tmp_path_factory) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git is required for dvc")
-    proj = make_project(tmp_path_factory.mktemp("e2e"), tiny_params())
+    proj = make_project(module_dir(request, tmp_path_factory, "e2e"), tiny_params())
     dvc(proj, "repro")
     return proj
 
@@ -297,7 +297,7 @@ def test_mlflow_runs_parent_and_children(project: Path):
     assert "ablation" not in cell
 
 
-def test_registered_model_predicts_on_an_image(project: Path):
+def test_registered_model_predicts_on_an_image(project: Path, tmp_path):
     import mlflow
     import numpy as np
     import torch
@@ -305,11 +305,13 @@ def test_registered_model_predicts_on_an_image(project: Path):
     from pipeline.data.dataset import read_image
     from pipeline.engine.evaluate import load_trained, predict
     from pipeline.tracking import using_store
+    (tmp_path / "loaded").mkdir()                    # downloads land here, not in the system temp dir
+    (tmp_path / "local").mkdir()
     with using_store(project):
         client = mlflow.MlflowClient()
         (version,) = client.search_model_versions("name = 'simformer-synthetic-split1'")
-        model = mlflow.pyfunc.load_model("models:/simformer-synthetic-split1/1")
-        local = mlflow.artifacts.download_artifacts("models:/simformer-synthetic-split1/1")
+        model = mlflow.pyfunc.load_model("models:/simformer-synthetic-split1/1", dst_path=str(tmp_path / "loaded"))
+        local = mlflow.artifacts.download_artifacts("models:/simformer-synthetic-split1/1", dst_path=str(tmp_path / "local"))
     assert version.run_id == next(r for r, t in run_tags(project).items() if t.get("stage") == "train")
     assert str(model.metadata.get_input_schema()) == "[Tensor('uint8', (-1, -1, 3))]"
     index = json.loads((project / "data" / "split" / "index.json").read_text())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline import predict as P
-from tests.conftest import ROOT, file_params
+from tests.conftest import ROOT, file_params, module_dir
 from tests.test_prepare_real import _md5, _png
 
 ADE_TRAIN = {  # stem: (height, width) - several sizes, like real photos
@@ -71,7 +71,7 @@ TINY_MODEL = {
 
 
 @pytest.fixture(scope="module")
-def ade_model(tmp_path_factory):
+def ade_model(request, tmp_path_factory):
     """(model.pt, extracted archive root): the archive acquired and prepared by the download
     stage's code, split by the prepare stage's, a model trained 3 steps and exported.
 
@@ -82,7 +82,7 @@ def ade_model(tmp_path_factory):
     from pipeline.data.acquire import acquire_dataset
     from pipeline.data.splits import build_split
     from pipeline.engine.train import export_model, train
-    root = tmp_path_factory.mktemp("ade_model")
+    root = module_dir(request, tmp_path_factory, "ade_model")
     (root / "archives").mkdir()
     arc = make_official_ade_zip(root / "archives" / "ADEChallengeData2016.zip")
     acquire_dataset("ade20k", root / "dataset", root / "raw", checksum=f"ade20k={_md5(arc)}",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, module_dir
 from tests.test_reliability import small_params
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -251,10 +251,10 @@ ORDER = ["download", "prepare", "baselines", "pretrain", "train", "evaluate", "r
 
 
 @pytest.fixture(scope="module")
-def stage_runs(tmp_path_factory) -> dict:
+def stage_runs(request, tmp_path_factory) -> dict:
     """Every stage of dvc.yaml run once, in order, on a tiny config: {stage: {modules, params}}."""
     assert sorted(ORDER) == sorted(DVC)
-    project = tmp_path_factory.mktemp("deps_project")
+    project = module_dir(request, tmp_path_factory, "deps_project")
     raw = small_params(pseudo={"enabled": True, "iterations": 2})
     raw["train"]["iterations"] = 2
     raw["model"]["pretrained"] = "weak_shot"            # the pretrain stage's weights reach train / ablate / retrain
