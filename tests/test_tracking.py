@@ -368,10 +368,12 @@ def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflo
     assert run.data.params["train.iterations"] == "4"
     assert (srv / "artifacts").is_dir() and list((srv / "artifacts").rglob("model.pt"))   # the server stores them
     os.environ["MLFLOW_TRACKING_URI"] = url
+    (tmp_path / "loaded").mkdir()
     try:
         assert tracking_uri(project) == url
         with using_store(project):
-            model = mlflow.pyfunc.load_model(f"models:/{EXP}/1")
+            # into tmp_path: without dst_path mlflow leaves the 45 MB download in the system temp dir
+            model = mlflow.pyfunc.load_model(f"models:/{EXP}/1", dst_path=str(tmp_path / "loaded"))
     finally:
         mlflow.set_tracking_uri(None)          # clears the process's URI and the variable
     image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
