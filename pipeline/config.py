@@ -32,7 +32,8 @@ TRANSFORMER_IN = ("res5", "pixel_embedding")
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "dist_backend")
-# Top-level params groups that are not typed here (validated by pipeline/ablation.py).
+# Top-level params groups that are not part of :class:`Params` (the training's params): the
+# ablation grid (:class:`AblationConfig`, :func:`build_ablation`).
 EXTRA_TOP_LEVEL: tuple[str, ...] = ("ablation",)
 
 
@@ -198,6 +199,26 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class AblationConfig:
+    """The ablation grid: variants (name -> overrides on top of the main params) x seeds
+    (cells: :meth:`cells`; a cell's params: :func:`pipeline.ablation.cell_params`)."""
+    seeds: tuple[int, ...] = _spec(lo=0, help="seeds of the grid; each variant trains once per seed")
+    iterations: int = _spec(lo=0, help="training iterations of a grid cell (0 = train.iterations)")
+    workers: int = _spec(lo=1, help="cells trained at once, each in its own process")
+    run: tuple[str, ...] = _spec(help="the variants trained, in this order (names of ablation.variants)")
+    variants: dict = _spec(help="variant name -> overrides on top of the params above")
+
+    @property
+    def trained(self) -> dict[str, dict]:
+        """The variants of ``run`` with their overrides, in ``run`` order."""
+        return {name: self.variants[name] for name in self.run}
+
+    def cells(self) -> list[tuple[str, int]]:
+        """(variant, seed): variants outer (``run`` order), seeds inner."""
+        return [(v, s) for v in self.run for s in self.seeds]
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig
     data: DataConfig
@@ -213,7 +234,9 @@ class Params:
 GROUPS = typing.get_type_hints(Params)
 
 
-def _type_name(tp) -> str:
+def _type_name(tp, plural: bool = False) -> str:
+    if plural:
+        return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(tp, str(tp))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -238,6 +261,19 @@ def _coerce(value: Any, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is tuple:       # a non-empty YAML list of one scalar type, no repeats
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"params key '{key}': expected a non-empty list of {_type_name(item, plural=True)}, "
+                              f"got {value!r}")
+        items = tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(set(items)) != len(items):
+            raise ConfigError(f"params key '{key}': {value!r} repeats a value")
+        return items
+    elif tp is dict:                           # a mapping of name -> mapping (or empty)
+        if isinstance(value, Mapping) and value:
+            return value
+        raise ConfigError(f"params key '{key}': expected a non-empty mapping, got {value!r}")
     raise ConfigError(f"params key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
@@ -269,15 +305,40 @@ def _build(cls, values: Any, prefix: str):
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ConfigError(f"params key '{key}': {value!r} is not allowed; allowed values: "
                               + ", ".join(map(str, meta["choices"])))
-        lo, hi = meta.get("lo"), meta.get("hi")
-        if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-            rel = ">" if meta.get("lo_open") else ">="
-            raise ConfigError(f"params key '{key}': {value!r} is out of range; expected a value {rel} {lo}"
-                              + (f" and <= {hi}" if hi is not None else ""))
-        if hi is not None and value > hi:
-            raise ConfigError(f"params key '{key}': {value!r} is out of range; expected a value <= {hi}")
+        for v in value if isinstance(value, tuple) else (value,):
+            _check_range(v, meta, key)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_range(value, meta: Mapping, key: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        rel = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"params key '{key}': {value!r} is out of range; expected a value {rel} {lo}"
+                          + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(f"params key '{key}': {value!r} is out of range; expected a value <= {hi}")
+
+
+def build_ablation(raw: Any) -> AblationConfig:
+    """Validate the ``ablation`` group like every other group (missing, unknown, mistyped and
+    out-of-range keys), then what only this group has: variant names, variants' overrides being
+    mappings, ``run`` naming declared variants. Each variant's overrides are validated as whole
+    params by :func:`pipeline.ablation.cell_params`."""
+    a = _build(AblationConfig, raw if raw is not None else {}, "ablation")
+    for name, ov in a.variants.items():
+        if not isinstance(name, str) or not name or any(c in name for c in " /\\@"):
+            raise ConfigError(f"params key 'ablation.variants': variant name {name!r} must be a non-empty string "
+                              "without spaces, '/', '\\' or '@'")
+        if ov is not None and not isinstance(ov, Mapping):
+            raise ConfigError(f"params key 'ablation.variants.{name}': expected a mapping of params groups to "
+                              f"overrides (e.g. {{loss: {{comp_weight: 0.0}}}}), got {ov!r}")
+    unknown = [v for v in a.run if v not in a.variants]
+    if unknown:
+        raise ConfigError(f"params key 'ablation.run': {unknown[0]!r} is not a variant of ablation.variants; "
+                          f"declared: {', '.join(map(str, a.variants))}")
+    return dataclasses.replace(a, variants={k: dict(v or {}) for k, v in a.variants.items()})
 
 
 def _check_cross(p: Params) -> None:
@@ -383,14 +444,6 @@ def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "mode
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Help of the keys validated outside the typed groups (pipeline/ablation.py), for describe().
-EXTRA_HELP = {
-    "ablation.seeds": "seeds of the grid; each variant trains once per seed",
-    "ablation.iterations": "training iterations of a grid cell (0 = train.iterations)",
-    "ablation.variants": "variant name -> overrides on top of the params above",
-}
-
-
 def _describe_spec(f: dataclasses.Field, tp) -> str:
     m = f.metadata
     if m.get("choices") is not None:
@@ -426,13 +479,12 @@ def describe(raw: Mapping[str, Any]) -> str:
     lines = []
     for gname, gtp in GROUPS.items():
         lines += [f"{gname}:"] + group(gtp, raw.get(gname), "  ")
-    for gname in EXTRA_TOP_LEVEL:
-        lines.append(f"{gname}:")
-        values = raw.get(gname) if isinstance(raw.get(gname), Mapping) else {}
-        for key in sorted({k.split(".")[1] for k in EXTRA_HELP if k.startswith(gname + ".")} | set(values)):
-            v, help_ = values.get(key, missing), EXTRA_HELP.get(f"{gname}.{key}", "")
-            if isinstance(v, Mapping):          # ablation.variants: one line per variant
-                lines += [f"  {key}:  {help_}"] + [f"    {k}: {json.dumps(x)}" for k, x in v.items()]
-            else:
-                lines.append(f"  {key}: {'(missing)' if v is missing else json.dumps(v)}  {help_}")
+    values = raw.get("ablation") if isinstance(raw.get("ablation"), Mapping) else {}
+    lines.append("ablation:")
+    for f in dataclasses.fields(AblationConfig):
+        v, help_ = values.get(f.name, missing), f.metadata.get("help", "")
+        if isinstance(v, Mapping):          # ablation.variants: one line per variant
+            lines += [f"  {f.name}:  {help_}"] + [f"    {k}: {json.dumps(x)}" for k, x in v.items()]
+        else:
+            lines.append(f"  {f.name}: {'(missing)' if v is missing else json.dumps(v)}  {help_}")
     return "\n".join(lines)

@@ -96,3 +96,39 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
             q.unlink()
     return stale
 
+
+
+# ----------------------------------------------------------------------------- stage inputs and outputs
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON input of a stage, with an error naming the file and the stage that makes it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{path}' is missing: run the stage that produces it first (dvc repro)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Records as a CSV table (a training curve, per-class IoU), written atomically."""
+    import pandas as pd
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def write_npy(path: str | os.PathLike, array) -> None:
+    import numpy as np
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_eval_outputs(metrics_path: str | os.PathLike, per_class_path: str | os.PathLike, summary: dict,
+                       per_class: list[dict]) -> dict:
+    """The metrics (``SUMMARY_KEYS`` only: ``dvc metrics show`` lists nothing else) and the
+    per-class table; returns the evaluation's other facts (dataset, split, class and pixel
+    counts) for MLflow tags and cell.json."""
+    from .engine.metrics import SUMMARY_KEYS, metrics_to_json
+    write_json(metrics_path, metrics_to_json({k: summary[k] for k in SUMMARY_KEYS}))
+    write_csv(per_class_path, per_class)
+    return {k: v for k, v in summary.items() if k not in SUMMARY_KEYS}

@@ -113,10 +113,11 @@ def _call(task):
     return i, fn(job)
 
 
-def run_parallel(fn, jobs: list, workers: int, on_done=None) -> list:
+def run_parallel(fn, jobs: list, workers: int, on_done=None, chunksize: int = 1) -> list:
     """``fn(job)`` for every job, ``workers`` at a time, each in its own process; the results in the
     order of ``jobs``. Jobs start in the order given (put the longest first). ``fn`` must be a
     module-level function; ``on_done(job, result)`` is called in this process as each job ends.
+    ``chunksize``: jobs handed to a worker at a time (more than 1 for many short jobs).
 
     ``workers`` <= 1 (or a single job) runs the jobs here, one after the other. Otherwise the workers
     are spawned processes (never forked: torch's thread pools do not survive a fork). The first
@@ -134,7 +135,8 @@ def run_parallel(fn, jobs: list, workers: int, on_done=None) -> list:
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
     results = {}
     try:
-        for i, result in pool.imap_unordered(_call, [(fn, i, job) for i, job in enumerate(jobs)], chunksize=1):
+        for i, result in pool.imap_unordered(_call, [(fn, i, job) for i, job in enumerate(jobs)],
+                                             chunksize=chunksize):
             results[i] = result
             done(jobs[i], result)
         pool.close()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import IGNORE
+from .data.dataset import resize_for_test, test_size
 from .io import atomic_path, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -132,17 +133,6 @@ def _loads_as_checkpoint(path: Path) -> bool:
         return is_checkpoint(load_checkpoint(path))
     except ValueError:
         return False
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise PredictError(f"device {name!r}: expected auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PredictError("device 'cuda' was asked for but no CUDA device is available; use --device auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @dataclass
@@ -281,18 +271,6 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def test_size(h: int, w: int, short_edge: int, max_edge: int) -> tuple[int, int]:
-    """The evaluation's test-time resize (short edge, capped long edge; 0 = unchanged)."""
-    f = 1.0
-    if short_edge:
-        f = short_edge / min(h, w)
-    if max_edge and max(h, w) * f > max_edge:
-        f = max_edge / max(h, w)
-    if f == 1.0:
-        return h, w
-    return max(1, round(h * f)), max(1, round(w * f))
-
-
 # ----------------------------------------------------------------------------- inference
 
 def _resample_labels(scores: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int],
@@ -330,8 +308,7 @@ def predict_arrays(predictor: Predictor, images: Sequence[np.ndarray], min_score
     pw = max(math.ceil(w / SIZE_DIVISOR) * SIZE_DIVISOR for _, w in sizes)
     x = torch.zeros((len(images), 3, ph, pw), dtype=torch.float32)
     for i, (im, (h, w)) in enumerate(zip(images, sizes)):
-        if (h, w) != im.shape[:2]:
-            im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+        im = resize_for_test(im, predictor.short_edge, predictor.max_edge)
         x[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))
     out = predictor.model(x.to(predictor.device))
     from .model import semantic_inference

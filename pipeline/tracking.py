@@ -12,9 +12,9 @@ import os
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from .repo import git_commit
+from .repo import git_commit, store_root
 
 log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
@@ -124,7 +124,7 @@ def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list
 
 
 class RunTracker(contextlib.AbstractContextManager):
-    """One MLflow run of one stage execution (:meth:`start`; use: ``stages/_common.py``), ended FINISHED,
+    """One MLflow run of one stage execution (:meth:`start`; use: :func:`open_tracker`), ended FINISHED,
     FAILED on an exception, KILLED on KeyboardInterrupt (a reopened FINISHED run is left as it was)."""
 
     def __init__(self, root, experiment: str, *, timeout: float = 30.0, strict: bool = False):
@@ -244,3 +244,94 @@ class RunTracker(contextlib.AbstractContextManager):
             if exc_type is None:
                 raise
             log.exception("could not mark MLflow run %s %s", self.run_id, status)
+
+
+# ----------------------------------------------------------------------------- what the stages log
+
+def open_tracker(p, params_text: str, tags: Mapping[str, Any], name: str, phash: str | None = None,
+                 include_finished: bool = False, root=None) -> RunTracker:
+    """Start, resume or reopen (by params hash) the MLflow run of the params ``p`` in the store of
+    ``root`` (default: the repository's, :func:`pipeline.repo.store_root`); fails before any work
+    when the store cannot be opened. ``params_text`` is logged as the run's params.yaml."""
+    from .config import flatten, params_hash, to_dict
+    tracker = RunTracker(root or store_root(), experiment_name(p.data.dataset, p.data.split))
+    tracker.start(phash or params_hash(p), run_name(name), flatten(to_dict(p)), params_text, tags=tags,
+                  include_finished=include_finished)
+    return tracker
+
+
+def training_callbacks(tracker: RunTracker | None, cores):
+    """``on_log`` of the training loop: forward a step's record to MLflow and re-share the CPU
+    cores among the trainings running (:class:`pipeline.jobs.CoreShare`)."""
+    def on_log(step, rec):
+        cores.rebalance()
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
+    return on_log
+
+
+def log_trained_model(tracker: RunTracker | None, model_path, example_image, cores, register: bool) -> None:
+    """The trained model as an MLflow model of the run (``example_image``: its input example),
+    registered under the experiment's name when ``register``; and the torch threads the training
+    used (tag ``torch_threads``)."""
+    if tracker is None:
+        return
+    tracker.set_tags({"torch_threads": ",".join(map(str, cores.used)) or "default"})
+    tracker.log_model(model_path, example_image, tracker.experiment if register else None)
+
+
+def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any],
+              cells: list[dict], grid_metrics: Mapping[str, float], params_yaml_text: str,
+              artifacts: Iterable = ()) -> dict:
+    """The grid's parent run (found again by ``grid_id``) and one child per cell.
+
+    ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat``,
+    ``params_text`` (the cell's effective params) and ``metrics``. A cell's own run (found by
+    params hash: the ablate stage's, or the main training's for the shared cell) becomes the
+    child when it has no parent; one that already belongs to another grid gets a link child
+    here (tag ``linked_run_id``; the run itself is never moved); a cell restored by a DVC
+    run-cache hit has no run in this store, so one is made from its saved metrics. Running
+    again creates nothing. ``grid_metrics`` (per-variant mean and std) and ``artifacts``
+    (tables, report) go on the parent. Returns ``{"parent": id, "children": {"<variant>-<seed>": id}}``.
+    """
+    from mlflow.entities import Param
+
+    parent = RunTracker(root, experiment, strict=True)
+    with parent:
+        parent.start(f"grid-{grid_id}", run_name("ablation-grid"), grid_params, params_yaml_text,
+                     tags={"role": "ablation_grid", "grid_id": grid_id,
+                           "mlflow.note.content": f"Ablation grid {grid_id}: {len(cells)} cells"},
+                     include_finished=True)
+        client, exp_id = parent.client, parent.experiment_id
+        children = {}
+        for cell in cells:
+            name = f"{cell['variant']}-seed{cell['seed']}"
+            tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "grid_id": grid_id,
+                    "mlflow.parentRunId": parent.run_id}
+            own = next(iter(find_runs(client, exp_id, {"params_hash": cell["params_hash"]})), None)
+            if own is None or own.data.tags.get("mlflow.parentRunId") in (None, parent.run_id):
+                with RunTracker(root, experiment, strict=True) as tr:
+                    tr.start(cell["params_hash"], run_name(name), cell["params_flat"], cell["params_text"],
+                             {"stage": "ablate", **tags}, include_finished=True)
+                    tr.set_tags(tags)
+                    if own is None:          # a run-cache hit left this cell without a run
+                        tr.log_metrics(cell["metrics"])
+                        tr.set_tags({"restored_from": "dvc_run_cache"})
+                children[name] = tr.run_id
+                continue
+            link = next(iter(find_runs(client, exp_id, {"grid_id": grid_id, "linked_run_id": own.info.run_id})), None)
+            if link is None:
+                note = (f"Cached cell: trained in run {own.info.run_id} (grid {own.data.tags.get('grid_id', '?')}); "
+                        "this run only links to it.")
+                link = client.create_run(exp_id, run_name=run_name(name) + " (cached)",
+                                         tags={**tags, "role": "cell_link", "linked_run_id": own.info.run_id,
+                                               "cell_params_hash": cell["params_hash"], "mlflow.note.content": note})
+                client.log_batch(link.info.run_id, metrics=metric_entities(cell["metrics"]),
+                                 params=[Param(k, str(v)) for k, v in cell["params_flat"].items()])
+                client.set_terminated(link.info.run_id, "FINISHED")
+            children[name] = link.info.run_id
+        logged = client.get_run(parent.run_id).data.metrics
+        parent.log_metrics({k: v for k, v in grid_metrics.items() if logged.get(metric_key(k)) != v})
+        for path in artifacts:
+            parent.log_artifact(path, "report")
+    return {"parent": parent.run_id, "children": children}

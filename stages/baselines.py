@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages._common import add_inputs, load_params, parser, read_json, run
+from pipeline.cli import add_inputs, load_params, parser, run
+from pipeline.io import read_json
 
 MAX_TRAIN_IMAGES = 2000     # fit on at most this many training images (evenly spaced): ADE20K has 20,210
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages._common import load_params, parser, run
+from pipeline.cli import load_params, parser, run
 
 
 class DownloadStageError(RuntimeError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages._common import add_inputs, load_params, open_tracker, parser, read_json, run, write_eval_outputs
+from pipeline.cli import add_inputs, load_params, parser, run
 
 
 def main() -> None:
@@ -18,22 +18,19 @@ def main() -> None:
     args = ap.parse_args()
     p, params_text = load_params(args.params)
 
-    import numpy as np
-
-    from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.device import resolve_device
+    from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.metrics import SUMMARY_KEYS
-    from pipeline.io import atomic_path
+    from pipeline.io import read_json, write_eval_outputs, write_npy
+    from pipeline.tracking import open_tracker
 
-    device = resolve_device(p.eval.device)
+    device = resolve_device(p.eval.device, "eval.device")
     model, trained_p, split = load_trained(args.model, device)
     index = read_json(args.split_dir / "index.json")
     summary, per_class, conf = evaluate_model(model, args.dataset_dir, index, split, p, device,
                                               progress=not args.no_progress)
     facts = write_eval_outputs(args.metrics, args.per_class, summary, per_class)
-    with atomic_path(args.confusion) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, conf)
+    write_npy(args.confusion, conf)
     if not args.no_mlflow:
         # Logs onto the training run (found by params hash); after a DVC run-cache hit there is
         # none in this store, so one is created with the same params and tags.

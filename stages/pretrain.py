@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages._common import add_inputs, load_params, parser, read_json, run, write_curve
+from pipeline.cli import add_inputs, load_params, parser, run
 
 
 def main() -> None:
@@ -23,13 +23,13 @@ def main() -> None:
 
     import torch
 
-    from pipeline.engine.pretrain import initial_state, pretrain
     from pipeline.engine.device import resolve_device
-    from pipeline.io import atomic_path
+    from pipeline.engine.pretrain import initial_state, pretrain
+    from pipeline.io import atomic_path, read_json, write_csv
     if p.model.pretrained != "weak_shot":
         with atomic_path(args.out) as tmp:
             torch.save({"used": False, "reason": f"model.pretrained is {p.model.pretrained!r}"}, tmp)
-        write_curve(args.curve, [])
+        write_csv(args.curve, [])
         print(f"pretrain: not used (model.pretrained: {p.model.pretrained}); wrote a placeholder to {args.out}")
         return
     split = read_json(args.split_dir / "split.json")
@@ -46,7 +46,7 @@ def main() -> None:
     with atomic_path(args.out) as tmp:
         torch.save({"used": True, **initial_state(net), "arch": p.model.backbone,
                     "steps": i.iterations, "seconds": curve[-1]["seconds"] if curve else 0.0}, tmp)
-    write_curve(args.curve, curve)
+    write_csv(args.curve, curve)
     last = curve[-1] if curve else {}
     print(f"pretrain: {i.iterations} steps in {last.get('seconds', 0):.0f}s; final pixel loss "
           f"{last.get('pixel', float('nan')):.3f}, image-label loss {last.get('image', float('nan')):.3f} -> {args.out}")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from stages._common import add_inputs, load_params_raw, parser, read_json, run
+from pipeline.cli import add_inputs, load_params_raw, parser, run
+from pipeline.io import read_json
 
 
 def main() -> None:
@@ -31,19 +32,18 @@ def main() -> None:
     ap.add_argument("--html", type=Path, default=None, help="self-contained HTML report to write")
     ap.add_argument("--figures", type=Path, required=True, help="folder for the report's PNG figures")
     args = ap.parse_args()
-    p, params_text, raw = load_params_raw(args.params)
+    p, params_text, raw, g = load_params_raw(args.params)
 
     import pandas as pd
 
     from pipeline import repo, tracking
-    from pipeline.ablation import cell_runs, grid_hash, parse_ablation, pp_weight_sweep, sync_grid
+    from pipeline.ablation import cell_runs, grid_hash, pp_weight_sweep
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
     grid, pp_weights = None, {}
-    if args.cells is not None and "ablation" in raw:
-        g = parse_ablation(raw["ablation"])
-        variants = list(g.variants)
+    if args.cells is not None and g is not None:
+        variants = list(g.run)
         cells = ab.grid_cells(args.cells, g.cells())
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
         grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells)
@@ -68,7 +68,7 @@ def main() -> None:
         runs = cell_runs(raw, g, {k: {m: v[m] for m in ab.SUMMARY_KEYS} for k, v in metrics.items()})
         summary = {f"{v}.{m}.{stat}": x for v, ms in ab.ablation_summary(table).items() for m, st in ms.items()
                    for stat, x in st.items() if stat != "n" and x is not None}
-        out = sync_grid(
+        out = tracking.sync_grid(
             repo.store_root(), tracking.experiment_name(p.data.dataset, p.data.split),
             grid_hash([c["params_hash"] for c in runs]),
             {"ablation.seeds": g.seeds, "ablation.iterations": g.iterations, "ablation.variants": ",".join(variants),

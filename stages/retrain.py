@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from stages._common import (add_init, add_inputs, load_init, load_params, log_trained_model, open_tracker, parser,
-                            read_json, run, training_callbacks, write_curve)
+from pipeline.cli import add_init, add_inputs, load_params, parser, run
 
 
 def main() -> None:
@@ -21,7 +20,7 @@ def main() -> None:
     p, params_text = load_params(args.params)
 
     from pipeline.engine.metrics import SUMMARY_KEYS, metrics_to_json
-    from pipeline.io import write_json
+    from pipeline.io import read_json, write_csv, write_json
     if not p.pseudo.enabled:       # no metrics at all: `dvc metrics show` lists only numbers that are metrics
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.metrics, {})
@@ -31,8 +30,12 @@ def main() -> None:
     from pipeline.config import params_file_text
     from pipeline.engine.evaluate import evaluate_model, load_trained
     from pipeline.engine.pseudo import label_training_set, retrain_hash, retrain_params
-    from pipeline.engine.train import export_model, resolve_device, train
+    from pipeline.data.dataset import input_example
+    from pipeline.engine.device import resolve_device
+    from pipeline.engine.pretrain import load_init
+    from pipeline.engine.train import export_model, train
     from pipeline.jobs import CoreShare
+    from pipeline.tracking import log_trained_model, open_tracker, training_callbacks
 
     split = read_json(args.split_dir / "split.json")
     index = read_json(args.split_dir / "index.json")
@@ -55,9 +58,9 @@ def main() -> None:
             tracker.log_metrics({"pseudo_novel_precision": stats["novel_precision"]})
         model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
                            on_log=training_callbacks(tracker, cores), label_root=labels, progress=not args.no_progress,
-                           init=load_init(args.init, rp))
+                           init=load_init(args.init, rp.model.pretrained))
         export_model(model, rp, split, args.out / "model.pt", out.history)
-        write_curve(args.out / "curve.csv", out.history)
+        write_csv(args.out / "curve.csv", out.history)
         metrics, _, _ = evaluate_model(model.eval(), args.dataset_dir, index, split, p, device,
                                        progress=not args.no_progress)
         # nested, so that DVC names its columns retrain.mIoU, ... apart from the main model's mIoU, ...
@@ -65,7 +68,9 @@ def main() -> None:
                                                               "pseudo_novel_precision": stats["novel_precision"]}}))
         if tracker:
             tracker.log_metrics({k: metrics[k] for k in SUMMARY_KEYS})
-        log_trained_model(tracker, args.out / "model.pt", args.dataset_dir, index, cores, register=False)
+        if tracker:
+            log_trained_model(tracker, args.out / "model.pt", input_example(args.dataset_dir, index), cores,
+                              register=False)
     print("retrained: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")))
 
 

@@ -19,8 +19,8 @@ import sys
 import contextlib
 from pathlib import Path
 
-from stages._common import (add_init, add_inputs, diagnostics_hook, load_init, load_params, log_trained_model,
-                            open_tracker, parser, read_json, run, training_callbacks, write_curve)
+from pipeline.cli import add_init, add_inputs, load_params, parser, run
+from pipeline.io import read_json
 
 
 def main() -> None:
@@ -40,8 +40,13 @@ def main() -> None:
     if p.train.nproc_per_node * p.train.nnodes > 1 and not D.under_torchrun():
         sys.exit(relaunch(torchrun_argv(p, sys.argv[1:])))
 
+    from pipeline.data.dataset import input_example
+    from pipeline.engine.diagnostics import diagnostics_hook
+    from pipeline.engine.pretrain import load_init
     from pipeline.engine.train import export_model, train
+    from pipeline.io import write_csv
     from pipeline.jobs import CoreShare
+    from pipeline.tracking import log_trained_model, open_tracker, training_callbacks
 
     dist = D.init_distributed(p.train.dist_backend, p.train.device) if D.under_torchrun() else D.DistInfo()
     try:
@@ -52,11 +57,14 @@ def main() -> None:
         with tracker or contextlib.nullcontext(), CoreShare(p.train.threads) as cores:
             model, out = train(p, args.dataset_dir, split, index, args.checkpoint,
                                on_log=training_callbacks(tracker, cores), progress=not args.no_progress,
-                               init=load_init(args.init, p), diagnostics=diagnostics_hook(p, split))
+                               init=load_init(args.init, p.model.pretrained),
+                               diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
+                                                            p.loss.oracle))
             if dist.is_main:
                 export_model(model, p, split, args.model, out.history)
-                write_curve(args.curve, out.history)
-            log_trained_model(tracker, args.model, args.dataset_dir, index, cores, register=True)
+                write_csv(args.curve, out.history)
+            if tracker:
+                log_trained_model(tracker, args.model, input_example(args.dataset_dir, index), cores, register=True)
     finally:
         D.cleanup()
     if dist.is_main:

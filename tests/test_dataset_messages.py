@@ -267,39 +267,6 @@ def test_restore_hint_only_under_dvc(tmp_path, monkeypatch):
     assert f"`dvc checkout {tmp_path / 'gone'}`" in restore_hint(tmp_path / "gone")
 
 
-# ----------------------------------------------------------------------------- item 1: quiet workers
-
-def _sleep_forever(ready):
-    ready.set()
-    while True:
-        time.sleep(0.05)
-
-
-def test_forked_worker_ends_quietly_on_sigterm(capfd):
-    from stages._common import _terminate
-    from stages.prepare import quiet_pool_workers
-    previous = signal.signal(signal.SIGTERM, _terminate)  # what run() installs
-    try:
-        ctx = multiprocessing.get_context("fork")
-        with quiet_pool_workers():
-            ready = ctx.Event()
-            proc = ctx.Process(target=_sleep_forever, args=(ready,))
-            proc.start()
-            assert ready.wait(30)
-            proc.terminate()  # what Pool does to its workers when it closes
-            proc.join(30)
-            # in this (the main) process the stage's handler still turns SIGTERM into KeyboardInterrupt
-            with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(1)
-        assert signal.getsignal(signal.SIGTERM) is _terminate  # restored
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert proc.exitcode == -signal.SIGTERM                 # killed by the signal, not an exception
-    err = capfd.readouterr().err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-
-
 def test_prepare_stage_with_workers_prints_no_traceback(tmp_path):
     from pipeline.config import build_params
     from pipeline.data.synthetic import generate_dataset

@@ -259,7 +259,7 @@ def test_two_processes_similarity_losses_and_resume(tmp_path, tiny_data):  # noq
     # the losses of both kinds were on and logged (means over the ranks)
     hist = ranks[0]["a"]["history"]
     assert len(hist) == ITERATIONS
-    assert all(h["loss_sim"] > 0 and h["loss_pp"] != 0 for h in hist)       # (cce DistLoss is negative)
+    assert all(h["loss_sim"] > 0 and h["loss_dist"] != 0 for h in hist)       # (cce DistLoss is negative)
     assert [h["loss"] for h in hist] == [h["loss"] for h in ranks[1]["a"]["history"]]
 
     # Interrupted after step 2 (last checkpoint: step 1) and resumed: bit-identical on every rank.

@@ -31,7 +31,7 @@ def test_sigterm_unwinds_a_stage_like_ctrl_c(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, signal, sys, time
         sys.path.insert(0, sys.argv[1])
-        from stages._common import run
+        from pipeline.cli import run
         def main():
             try:
                 os.kill(os.getpid(), signal.SIGTERM)

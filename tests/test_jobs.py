@@ -94,3 +94,20 @@ def test_pool_raises_the_first_failure_and_stops_the_others():
     with pytest.raises(ValueError, match="job 1 failed on purpose"):
         run_parallel(_job, jobs, 2)
     assert time.time() - start < 30                   # the 60-s job was terminated, not waited for
+
+
+def test_pool_hands_out_chunks_and_its_workers_end_quietly(capfd):
+    """Many short jobs (the prepare stage's label scan) go out in chunks; under the stages' SIGTERM
+    handler (pipeline.cli.run), the pool's spawned workers end without a traceback when it closes."""
+    import signal
+
+    from pipeline.cli import _terminate
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        out = run_parallel(_job, [{"i": i} for i in range(40)], 2, chunksize=8)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [r["square"] for r in out] == [i * i for i in range(40)]
+    assert len({r["pid"] for r in out}) <= 2 and os.getpid() not in {r["pid"] for r in out}
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err

@@ -135,7 +135,7 @@ def test_repro_writes_every_output(project: Path):
         assert k in metrics and (metrics[k] is None or 0.0 <= metrics[k] <= 100.0)
     curve = (project / "reports" / "train_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,") and len(curve) == 1 + 4        # header + one row per step
-    assert "loss_sim" in curve[0] and "loss_pp" in curve[0] and "loss_comp" in curve[0]
+    assert "loss_sim" in curve[0] and "loss_dist" in curve[0] and "loss_comp" in curve[0]
     report = (project / "reports" / "report.md").read_text()
     assert f"{metrics['mIoU']:.1f}" in report
     for png in ("train_curve.png", "per_class_iou.png"):
@@ -188,7 +188,7 @@ def test_a_cell_trained_alone_equals_the_cell_trained_beside_another(project: Pa
                                                        "per_class_iou.csv"]
     import pandas as pd
     curves = [pd.read_csv(d / "curve.csv").drop(columns=["images_per_s", "seconds"]) for d in (grid_cell, alone)]
-    assert len(curves[0]) == 4 and {"loss", "loss_pp", "grad_DistLoss"} <= set(curves[0].columns)
+    assert len(curves[0]) == 4 and {"loss", "loss_dist", "grad_DistLoss"} <= set(curves[0].columns)
     pd.testing.assert_frame_equal(curves[0], curves[1], check_exact=True)     # every loss, to the bit
     assert json.loads((alone / "metrics.json").read_text()) == json.loads((grid_cell / "metrics.json").read_text())
     cells = [json.loads((d / "cell.json").read_text()) for d in (grid_cell, alone)]
@@ -266,7 +266,7 @@ def test_mlflow_runs_parent_and_children(project: Path):
     main_run = by_stage["train"][0]
     assert children["full-3"] == main_run
     keys = metric_keys(project, main_run)
-    assert {"loss", "loss_ce", "loss_sim", "loss_pp", "loss_comp", "mIoU", "mIoU_novel", "hIoU"} <= keys
+    assert {"loss", "loss_ce", "loss_sim", "loss_dist", "loss_comp", "mIoU", "mIoU_novel", "hIoU"} <= keys
     assert not keys & {"split", "num_classes", "num_valid_classes", "pixels"}     # counts are tags
     labelled = sum(int((cv2.imread(str(p), cv2.IMREAD_UNCHANGED) != 255).sum())       # 255: unlabelled clutter
                    for p in (project / "data/dataset/annotations_detectron2/test").glob("*.png"))

@@ -269,7 +269,8 @@ def test_device_and_model_errors(ade_model, tmp_path):
     if not torch.cuda.is_available():
         r = _run_predict("--model", model_pt, "--out", tmp_path / "o", "--device", "cuda", img)
         assert r.returncode == 2 and "no CUDA device is available" in r.stderr
-        assert P.resolve_device("auto") == torch.device("cpu")
+        from pipeline.engine.device import resolve_device
+        assert resolve_device("auto", "--device") == torch.device("cpu")
     r = _run_predict("--model", tmp_path / "nope.pt", "--out", tmp_path / "o", img)
     assert r.returncode == 2 and "nope.pt" in r.stderr and "not an MLflow reference" in r.stderr
     (tmp_path / "fake.pt").write_bytes(b"not a checkpoint")

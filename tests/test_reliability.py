@@ -1,7 +1,7 @@
 """Reliability: atomic outputs, non-finite losses, params validation, bad data, security, and
 the MLflow trouble policy (pipeline/tracking.py), each exercised by injecting the fault.
 
-Stages are run in-process through ``stages._common.run`` (the same wrapper ``python -m
+Stages are run in-process through ``pipeline.cli.run`` (the same wrapper ``python -m
 stages.<name>`` uses) so that exit codes and messages are the real ones without paying a
 Python start-up per test. The SIGKILL/resume test lives in tests/test_resume.py.
 """
@@ -109,7 +109,7 @@ def store(tmp_path, mlflow_template, monkeypatch) -> Path:
 
 def run_stage(name: str, *argv) -> int:
     """``python -m stages.<name> argv...`` in-process: the exit status (0 when main returns)."""
-    from stages._common import run
+    from pipeline.cli import run
     mod = importlib.import_module(f"stages.{name}")
     old = sys.argv
     sys.argv = [f"stages/{name}.py", *map(str, argv)]
@@ -819,7 +819,7 @@ def test_security_scanners_can_fail():
 def test_yaml_is_only_safe_loaded():
     offenders = {str(f.relative_to(ROOT)): u for f in _py_files() if (u := unsafe_yaml_uses(f.read_text()))}
     assert not offenders, offenders
-    assert "yaml.safe_load(" in (ROOT / "stages/_common.py").read_text()
+    assert "yaml.safe_load(" in (ROOT / "pipeline/cli.py").read_text()
 
 
 def test_every_torch_load_is_weights_only():

@@ -263,8 +263,8 @@ def test_dist_loss_cross_image_hand_value():
     base, novel = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5, 6])
     # b has one candidate pixel: both of its 2 points are pixel 1; a's two points are pixels 0, 1
     # in some order (the mean over pairs does not depend on it).
-    loss = dist_loss(DotSim(), outputs, targets, base, novel, pp_points=2, pp_form="cce",
-                     pp_pairing="cross_image", generator=torch.Generator().manual_seed(0))
+    loss = dist_loss(DotSim(), outputs, targets, base, novel, dist_points=2, dist_form="cce",
+                     dist_pairing="cross_image", generator=torch.Generator().manual_seed(0))
     expected = (2 * _cce(T0, _cos(SA0, SB1)) + 2 * _cce(T1, _cos(SA1, SB1))) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -273,8 +273,8 @@ def test_dist_loss_within_image_hand_value():
     outputs, targets = _dist_batch()
     base, novel = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5, 6])
     # student[i, j] = cos(a_i, a_j) (within image a); teacher[i, j] = T(a_i, b_j) = T_i
-    loss = dist_loss(DotSim(), outputs, targets, base, novel, pp_points=2, pp_form="cce",
-                     pp_pairing="within_image", generator=torch.Generator().manual_seed(0))
+    loss = dist_loss(DotSim(), outputs, targets, base, novel, dist_points=2, dist_form="cce",
+                     dist_pairing="within_image", generator=torch.Generator().manual_seed(0))
     c01 = _cos(SA0, SA1)
     expected = (_cce(T0, 1.0) + _cce(T0, c01) + _cce(T1, c01) + _cce(T1, 1.0)) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -325,38 +325,52 @@ def _count_calls(module):
 
 
 @pytest.mark.parametrize("sw,pw,n_calls,keys", [(0.0, 0.0, 0, set()), (1.0, 0.0, 1, {"loss_sim"}),
-                                                (0.0, 0.5, 1, {"loss_pp"}), (1.0, 0.5, 2, {"loss_sim", "loss_pp"})])
-def test_dual_loss_enabled_terms_and_simnet_calls(sw, pw, n_calls, keys):
+                                                (0.0, 0.5, 1, {"loss_dist"}), (1.0, 0.5, 2, {"loss_sim", "loss_dist"})])
+def test_criterion_computes_the_weighted_similarity_terms_only(sw, pw, n_calls, keys):
+    """The criterion's weights (loss.sim_weight, loss.pp_weight) say which similarity terms run:
+    a term of weight 0 makes no SimNet call; the weights are the criterion's only."""
+    from pipeline.data.targets import weak_shot_targets
+    from pipeline.losses.build import build_criterion
+    p = build_params(file_params())
+    p = replace(p, model=replace(p.model, mask_dim=6), loss=replace(p.loss, sim_weight=sw, pp_weight=pw, sim_points=10,
+                                                                    sim_base_points=8, pp_points=10))
     torch.manual_seed(0)
-    crit = DualSimilarityLoss(6, sim_weight=sw, pp_weight=pw, sim_points=10, sim_base_points=8,
-                              pp_points=10, simnet_width=16)
-    calls = _count_calls(crit)
-    outputs, targets = _random_batch()
-    out = crit(outputs, targets, torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]), torch.Generator().manual_seed(0))
-    assert set(out) == keys
+    crit = build_criterion(p, 6, [0, 1, 2, 3], [4, 5])
+    assert (crit.similarity is None) == (sw == pw == 0)
+    calls = _count_calls(crit.similarity) if crit.similarity is not None else []
+    outputs, raw = _random_batch()
+    targets = weak_shot_targets(torch.stack([t["sem_seg"] for t in raw]), torch.stack([t["valid"] for t in raw]),
+                                torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]))
+    out = crit(outputs, targets, torch.Generator().manual_seed(0))
+    assert set(out) & {"loss_sim", "loss_dist"} == keys
     assert len(calls) == n_calls
     assert all(torch.isfinite(v) for v in out.values())
-    assert crit.weight_dict == {"loss_sim": sw, "loss_pp": pw}
+    assert {k: crit.weight_dict[k] for k in keys} == {k: w for k, w in (("loss_sim", sw), ("loss_dist", pw)) if w}
+    assert not hasattr(crit.similarity, "weight_dict") and not hasattr(crit.similarity, "pp_weight")
 
 
-def test_dual_loss_explicit_flags_and_from_config():
-    lc = replace(build_params(file_params()).loss, sim_points=100, sim_base_points=80, pp_points=100, pp_form="cce",
-                 pp_pairing="cross_image")
-    crit = DualSimilarityLoss.from_config(lc, mask_dim=6, simnet_width=16)
-    assert len([m for m in crit.simnet.blocks[0].modules() if isinstance(m, torch.nn.Linear)]) == lc.simnet_block_convs
-    assert (crit.sim_points, crit.sim_base_points, crit.pp_points, crit.pp_form, crit.pp_pairing) == \
+def test_dual_loss_flags_and_builder_arguments():
+    p = build_params(file_params())
+    p = replace(p, model=replace(p.model, mask_dim=6),
+                loss=replace(p.loss, sim_points=100, sim_base_points=80, pp_points=100, pp_form="cce",
+                             pp_pairing="cross_image"))
+    from pipeline.losses.build import build_criterion
+    crit = build_criterion(p, 6, [0, 1, 2, 3], [4, 5]).similarity
+    assert len([m for m in crit.simnet.blocks[0].modules() if isinstance(m, torch.nn.Linear)]) == \
+        p.loss.simnet_block_convs
+    assert (crit.sim_points, crit.sim_base_points, crit.dist_points, crit.dist_form, crit.dist_pairing) == \
         (100, 80, 100, "cce", "cross_image")
     calls = _count_calls(crit)
     outputs, targets = _random_batch()
     out = crit(outputs, targets, torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]),
-               torch.Generator().manual_seed(0), sim_enabled=False, pp_enabled=False)
+               torch.Generator().manual_seed(0), sim_enabled=False, dist_enabled=False)
     assert out == {} and not calls
 
 
 def test_criterion_leaves_dist_loss_out_before_pp_start():
     """loss.pp_start = 5: steps 0-4 have no DistLoss (and no teacher call), step 5 on has it."""
     from pipeline.data.targets import weak_shot_targets
-    from pipeline.engine.train import build_criterion
+    from pipeline.losses.build import build_criterion
     p = build_params(file_params())
     p = replace(p, model=replace(p.model, mask_dim=6),
                 loss=replace(p.loss, pp_start=5, pp_weight=0.5, sim_points=10, sim_base_points=8, pp_points=10))
@@ -371,10 +385,10 @@ def test_criterion_leaves_dist_loss_out_before_pp_start():
         n = len(calls)
         keys[step] = set(crit(outputs, targets, torch.Generator().manual_seed(0), step=step))
         keys[step, "simnet calls"] = len(calls) - n
-    assert "loss_pp" not in keys[0] and "loss_pp" not in keys[4] and "loss_sim" in keys[0]
-    assert keys[5] == keys[None] == keys[0] | {"loss_pp"}
+    assert "loss_dist" not in keys[0] and "loss_dist" not in keys[4] and "loss_sim" in keys[0]
+    assert keys[5] == keys[None] == keys[0] | {"loss_dist"}
     assert (keys[0, "simnet calls"], keys[5, "simnet calls"]) == (1, 2)      # SimLoss; SimLoss + teacher
-    assert crit.weight_dict["loss_pp"] == 0.5
+    assert crit.weight_dict["loss_dist"] == 0.5
 
 
 def test_dual_loss_deterministic_with_generator():
@@ -382,8 +396,8 @@ def test_dual_loss_deterministic_with_generator():
     vals = []
     for _ in range(2):
         torch.manual_seed(0)
-        crit = DualSimilarityLoss(6, sim_points=10, sim_base_points=8, pp_points=10, simnet_width=16)
+        crit = DualSimilarityLoss(6, sim_points=10, sim_base_points=8, dist_points=10, simnet_width=16)
         out = crit(outputs, targets, torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]),
                    torch.Generator().manual_seed(3))
-        vals.append((out["loss_sim"].item(), out["loss_pp"].item()))
+        vals.append((out["loss_sim"].item(), out["loss_dist"].item()))
     assert vals[0] == vals[1]

@@ -183,9 +183,9 @@ def test_deps_cover_the_paths_of_the_command(stage):
 
 def test_helpers_find_known_imports_and_files():
     closure = {str(p.relative_to(ROOT)) for p in import_closure("stages.prepare")}
-    assert {"stages/prepare.py", "stages/_common.py", "pipeline/data/splits.py", "pipeline/config.py"} <= closure
+    assert {"stages/prepare.py", "pipeline/cli.py", "pipeline/data/splits.py", "pipeline/config.py"} <= closure
     assert "pipeline/model/build.py" not in closure
-    # _common's lazy imports count only for the stages that call the helper holding them
+    # lazy imports count only for the stages that call the helper holding them
     assert "pipeline/engine/metrics.py" not in closure and "pipeline/engine/metrics.py" in {
         str(p.relative_to(ROOT)) for p in import_closure("stages.evaluate")}
     assert {f.name for f in data_files(ROOT / "pipeline/data/catalog.py")} == {"classes.json", "splits.json"}
@@ -203,7 +203,7 @@ HARNESS = r'''
 import atexit, dataclasses, json, os, runpy, sys, typing
 root = os.environ["HARNESS_ROOT"]
 sys.path.insert(0, root)
-import pipeline.ablation, pipeline.config as C, stages._common
+import pipeline.ablation, pipeline.cli, pipeline.config as C
 read = set()
 code_dirs = tuple(os.path.join(root, d) + os.sep for d in ("pipeline", "stages"))
 
@@ -234,7 +234,7 @@ def recorded(obj):
 def build(raw, *a, **k):
     return recorded(C.build_params(raw, *a, **k))
 # the params file's Params (and the ablation cells built from it); a model file's params are not recorded
-stages._common.build_params = build
+pipeline.cli.build_params = build
 pipeline.ablation.build_params = build
 
 def dump():

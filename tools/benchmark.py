@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages._common import load_params, parser, run
+from pipeline.cli import load_params, parser, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE_HELP = {

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages._common import run
+from pipeline.cli import run
 
 DEFAULT_COLUMNS = "mIoU_base,mIoU_novel,mIoU,hIoU,pAcc"
 
@@ -36,7 +36,7 @@ def main() -> None:
 
     experiment = args.experiment
     if experiment is None:
-        from stages._common import load_params
+        from pipeline.cli import load_params
         p, _ = load_params(args.params)
         experiment = tracking.experiment_name(p.data.dataset, p.data.split)
     wanted: dict[str, list[str]] = {}

@@ -68,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from pipeline import predict as P
+    from pipeline.engine.device import resolve_device
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     paths, problems = P.collect_images(args.images)
     try:
-        device = P.resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         with P.model_download_dir() as tmp:
             ckpt = P.resolve_model(args.model, tmp, args.tracking_uri)
             predictor = P.load_predictor(ckpt, device, classes_json=args.classes, short_edge=args.short_edge,

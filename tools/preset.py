@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from stages._common import run
+from pipeline.cli import run
 
 
 def flags(overrides: dict, prefix: str = "") -> list[str]:
@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("preset", type=Path, help="preset YAML (overrides)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="base params file")
     args = ap.parse_args()
-    from pipeline.ablation import _merge, cell_params, parse_ablation
-    from pipeline.config import ConfigError, build_params
+    from pipeline.ablation import _merge, check_variants
+    from pipeline.config import ConfigError, build_ablation, build_params
     try:
         overrides = yaml.safe_load(args.preset.read_text()) or {}
     except FileNotFoundError:
@@ -45,9 +45,7 @@ def main() -> None:
     base = yaml.safe_load(args.params.read_text()) or {}
     merged = _merge(base, overrides, "")
     build_params(merged)
-    grid = parse_ablation(merged.get("ablation"))
-    for variant in grid.variants:
-        cell_params(merged, grid, variant, grid.seeds[0])
+    check_variants(merged, build_ablation(merged.get("ablation")))
     # Unquoted on purpose: the output is meant for $(...) word splitting; values hold no spaces.
     print(" ".join(flags(overrides)))
 

@@ -16,6 +16,11 @@ from torch.utils.data import Dataset
 from . import IGNORE
 
 
+def input_example(dataset_dir: str | Path, index: dict, size: int = 64) -> np.ndarray:
+    """The first test image, cropped to ``size`` px: a logged model's input example."""
+    return read_image(Path(dataset_dir) / index["test"][0]["image"])[:size, :size]
+
+
 def read_image(path: Path) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
@@ -103,6 +108,29 @@ class TrainCrops(Dataset):
                 "index": idx}
 
 
+def test_size(h: int, w: int, short_edge: int, max_edge: int) -> tuple[int, int]:
+    """The test-time size of an ``h x w`` image (``data.test_short_edge`` / ``data.test_max_edge``,
+    0 = unchanged): the short edge scaled to ``short_edge``, then the long edge capped at
+    ``max_edge``. Evaluation, pseudo-labelling and predict all resize with this."""
+    f = 1.0
+    if short_edge:
+        f = short_edge / min(h, w)
+    if max_edge and max(h, w) * f > max_edge:
+        f = max_edge / max(h, w)
+    if f == 1.0:
+        return h, w
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def resize_for_test(img: np.ndarray, short_edge: int, max_edge: int) -> np.ndarray:
+    """``img`` (H x W x 3) at its :func:`test_size` (bilinear; unchanged when the size is)."""
+    h, w = img.shape[:2]
+    th, tw = test_size(h, w, short_edge, max_edge)
+    if (th, tw) == (h, w):
+        return img
+    return cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
+
+
 class TestImages(Dataset):
     """Whole test images, optionally resized (short edge, capped long edge); labels at full size."""
 
@@ -117,12 +145,7 @@ class TestImages(Dataset):
         e = self.entries[idx]
         img = read_image(self.root / e["image"])
         lab = read_label(self.root / e["label"], img.shape[:2])
-        h, w = lab.shape
-        if self.short_edge:
-            f = self.short_edge / min(h, w)
-            if self.max_edge and max(h, w) * f > self.max_edge:
-                f = self.max_edge / max(h, w)
-            img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_LINEAR)
+        img = resize_for_test(img, self.short_edge, self.max_edge)
         return {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
                 "sem_seg": torch.from_numpy(lab.astype(np.int64)), "index": idx, "name": Path(e["image"]).stem}
 

@@ -10,7 +10,6 @@ possibly with an empty list). :func:`write_split` writes both files atomically.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import struct
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.data import IGNORE, catalog
 from pipeline.io import atomic_dir, write_json
+from pipeline.jobs import run_parallel
 
 IMAGE_DIR = "images_detectron2"
 LABEL_DIR = "annotations_detectron2"
@@ -113,14 +113,6 @@ def scan_label(label_path: str | os.PathLike, image_path: str | os.PathLike, num
     return [int(v) for v in present]
 
 
-def _worker_init() -> None:
-    """A label-scan worker ends on SIGTERM at once (the default action), even while blocked in a
-    lock: the Pool stops its workers with SIGTERM, and a Python-level handler inherited through
-    fork runs only between bytecodes, so a worker waiting on the task queue could hang the stage."""
-    import signal
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _scan_job(args: tuple[str, str, int]) -> list[int]:
     return scan_label(*args)
 
@@ -169,15 +161,9 @@ def build_split(dataset_dir: str | os.PathLike, dataset: str, split_id: int, wor
             jobs.append((split, len(entries[split]) - 1, (str(lab), str(img), num_classes)))
 
     args = [j[2] for j in jobs]
-    bar = dict(total=len(args), desc="scan labels", unit="img", disable=not progress)
-    if workers > 1 and len(args) > 1:
-        # spawn, not fork: a fork of a threaded parent (torch, MLflow, pytest) can inherit a held lock
-        # and hang in the worker (seen in the test suite)
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(args)), initializer=_worker_init) as pool:
-            results = list(tqdm(pool.imap(_scan_job, args, chunksize=max(1, min(64, len(args) // (4 * workers)))),
-                                **bar))
-    else:
-        results = [_scan_job(a) for a in tqdm(args, **bar)]
+    with tqdm(total=len(args), desc="scan labels", unit="img", disable=not progress) as bar:
+        results = run_parallel(_scan_job, args, workers, lambda job, result: bar.update(),
+                               chunksize=max(1, min(64, len(args) // (4 * max(1, workers)))))
 
     for (split, i, _), present in zip(jobs, results):
         e = entries[split][i]

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..config import Params, SyntheticConfig, build_params, to_dict
 from ..losses.matcher import PerImageMatcher
-from .train import FastPath, build_train_loader, build_training, resolve_device, train_step
+from .device import resolve_device
+from .train import FastPath, build_train_loader, build_training, train_step
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) from the vendors' datasheets; matched against
 # torch.cuda.get_device_name() by substring, first match wins (most specific first).

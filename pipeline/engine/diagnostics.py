@@ -21,12 +21,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
-from ..data.dataset import IGNORE
 from ..losses.similarity import downsample_labels, novel_score_map
 
-# paper names of the criterion's terms (aux-layer copies ``loss_ce_0`` ... count with their term)
-PAPER_TERMS = {"loss_ce": "ClsLoss", "loss_mask": "MaskLoss", "loss_dice": "MaskLoss", "loss_comp": "CompLoss",
-               "loss_sim": "SimLoss", "loss_pp": "DistLoss"}
+from ..losses.criterion import TERMS as PAPER_TERMS
 
 
 def pair_auc(scores: np.ndarray | torch.Tensor, same: np.ndarray | torch.Tensor) -> float:
@@ -160,3 +157,11 @@ def similarity_diagnostics(base_ids: torch.Tensor, novel_ids: torch.Tensor, seed
         return out
 
     return hook
+
+
+def diagnostics_hook(every: int, split: Mapping, seed: int, oracle: bool):
+    """The training loop's similarity diagnostics (``train.diagnostics_interval`` = ``every``;
+    0 = none) for the split's base and novel classes."""
+    if not every:
+        return None
+    return similarity_diagnostics(torch.tensor(split["base"]), torch.tensor(split["novel"]), seed, every, oracle)

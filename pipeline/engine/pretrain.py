@@ -129,3 +129,23 @@ def initial_state(net: PretrainNet) -> dict[str, dict]:
         backbone[_TORCHVISION_NAMES[prefix] + k[len(prefix):]] = v.detach().cpu()
     return {"backbone": backbone,
             "pixel_decoder": {k: v.detach().cpu() for k, v in net.pixel_decoder.state_dict().items()}}
+
+
+def load_init(path: str | Path | None, pretrained: str) -> dict | None:
+    """The pretrain stage's output (``init.pt``) when ``model.pretrained`` (``pretrained``) is
+    ``weak_shot``, else None; errors name the file and the stage that writes it."""
+    if pretrained != "weak_shot":
+        return None
+    if path is None:
+        raise ValueError("model.pretrained is 'weak_shot': pass the pretrain stage's output with --init "
+                         "(dvc.yaml does)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{path}' is missing: run the pretrain stage first (dvc repro)") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"'{path}' is not a weak-shot initialisation file the pretrain stage wrote: {e}") from None
+    if not isinstance(ck, dict) or not ck.get("used"):
+        raise ValueError(f"'{path}' was written while model.pretrained was not weak_shot: re-run the pretrain "
+                         "stage (dvc repro)")
+    return ck

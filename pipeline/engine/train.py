@@ -38,12 +38,11 @@ from ..data.dataset import TrainCrops, collate_train, worker_init
 from ..data.sampler import PairBatchSampler, RandomBatchSampler
 from ..data.targets import weak_shot_targets
 from ..io import remove_stale_temps
-from ..losses.criterion import SetCriterion
-from ..losses.matcher import HungarianMatcher
+from ..losses.build import build_criterion
 from ..model import build_model
 from . import distributed as D
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .device import resolve_device  # noqa: F401  (stages import it from here too)
+from .device import resolve_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -234,18 +233,6 @@ def _check_finite(losses: dict, step: int, hint: str) -> None:
 
 
 # ============================================================================ building blocks
-def build_criterion(p: Params, num_classes: int, base_ids: list[int], novel_ids: list[int]) -> SetCriterion:
-    lc = p.loss
-    matcher = HungarianMatcher(lc.match_class_cost, lc.match_focal_cost, lc.match_dice_cost,
-                               lc.focal_alpha, lc.focal_gamma)
-    similarity = None
-    if lc.sim_weight > 0 or lc.pp_weight > 0:
-        from ..losses.similarity import DualSimilarityLoss
-        similarity = DualSimilarityLoss.from_config(lc, p.model.mask_dim)
-    return SetCriterion(num_classes, matcher, lc, p.model.dec_layers, similarity,
-                        torch.tensor(base_ids, dtype=torch.long), torch.tensor(novel_ids, dtype=torch.long))
-
-
 def param_groups(model: torch.nn.Module, criterion: torch.nn.Module, lr: float, wd: float,
                  backbone_mult: float) -> list[dict]:
     """Backbone at lr * backbone_mult; no weight decay on norms, biases and embeddings."""

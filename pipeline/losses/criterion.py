@@ -3,7 +3,9 @@ plus SimLoss and DistLoss (``similarity.py``) on the last decoder layer.
 
 ``forward`` returns a dict of named, *unweighted* losses; ``weight_dict`` gives each
 name's weight (aux-layer names carry a ``_<layer>`` suffix). The training loop sums
-``loss * weight_dict[name]``. A term whose weight is 0 is not computed at all.
+``loss * weight_dict[name]``. A term whose weight is 0 is not computed at all. The names, one
+per paper term (:data:`TERMS`), are those of the logs, the curves and the report.
+``pipeline/losses/build.py`` is the one place that maps ``loss.*`` params to these arguments.
 
 Multi-process training: each loss divides a sum over the batch by a count (matched base
 masks, images with novel targets, the class weights of the queries). The optional
@@ -19,9 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LossConfig
+from typing import Mapping
+
 from .functional import dice_loss, sigmoid_focal_loss
 from .matcher import HungarianMatcher
+
+
+# the paper's name of each term of the criterion (aux-layer copies ``loss_ce_0`` ... count with their term)
+TERMS = {"loss_ce": "ClsLoss", "loss_mask": "MaskLoss", "loss_dice": "MaskLoss", "loss_comp": "CompLoss",
+         "loss_sim": "SimLoss", "loss_dist": "DistLoss"}
+LAYER_TERMS = ("loss_ce", "loss_mask", "loss_dice", "loss_comp")     # per decoder layer (deep supervision)
 
 
 def _upsample(masks: torch.Tensor, size) -> torch.Tensor:
@@ -115,59 +124,70 @@ def complementary_loss(pred_masks, targets, indices, bg_logit: float, focal_weig
 
 
 class SetCriterion(nn.Module):
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, cfg: LossConfig, num_layers: int,
+    """The weak-shot criterion. ``weights``: the weight of each term of :data:`TERMS` (0 or missing =
+    off; ``loss_sim`` / ``loss_dist`` need ``similarity``, the :class:`~.similarity.DualSimilarityLoss`).
+    ``dist_start``: the training step from which DistLoss is on."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weights: Mapping[str, float], *,
+                 num_layers: int, deep_supervision: bool, no_object_weight: float, focal_alpha: float,
+                 focal_gamma: float, comp_bg_logit: float, mask_points: int = 0, dist_start: int = 0,
                  similarity: nn.Module | None = None, base_ids: torch.Tensor | None = None,
                  novel_ids: torch.Tensor | None = None):
         super().__init__()
-        self.num_classes, self.matcher, self.cfg = num_classes, matcher, cfg
-        self.similarity = similarity
+        unknown = sorted(set(weights) - set(TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss term {unknown[0]!r}; terms: {', '.join(TERMS)}")
+        self.num_classes, self.matcher, self.similarity = num_classes, matcher, similarity
+        self.focal_alpha, self.focal_gamma, self.comp_bg_logit = focal_alpha, focal_gamma, comp_bg_logit
+        self.mask_points, self.dist_start = mask_points, dist_start
+        self.weights = {k: float(weights.get(k, 0.0)) for k in TERMS}
         self.normalizer = None      # multi-process training: GlobalCount (see the module docstring)
         empty = torch.ones(num_classes + 1)
-        empty[-1] = cfg.no_object_weight
+        empty[-1] = no_object_weight
         self.register_buffer("empty_weight", empty)
         self.register_buffer("base_ids", base_ids if base_ids is not None else torch.empty(0, dtype=torch.long))
         self.register_buffer("novel_ids", novel_ids if novel_ids is not None else torch.empty(0, dtype=torch.long))
-        layer_weights = {"loss_ce": cfg.cls_weight, "loss_mask": cfg.focal_weight, "loss_dice": cfg.dice_weight,
-                         "loss_comp": cfg.comp_weight}
-        weights = dict(layer_weights)
-        if cfg.deep_supervision:
+        layer_weights = {k: self.weights[k] for k in LAYER_TERMS}
+        all_weights = dict(layer_weights)
+        if deep_supervision:
             for i in range(num_layers - 1):
-                weights.update({f"{k}_{i}": v for k, v in layer_weights.items()})
+                all_weights.update({f"{k}_{i}": v for k, v in layer_weights.items()})
+        self.deep_supervision = deep_supervision
         if similarity is not None:
-            weights.update({"loss_sim": cfg.sim_weight, "loss_pp": cfg.pp_weight})
-        self.weight_dict = {k: v for k, v in weights.items() if v > 0}
+            all_weights.update({"loss_sim": self.weights["loss_sim"], "loss_dist": self.weights["loss_dist"]})
+        self.weight_dict = {k: v for k, v in all_weights.items() if v > 0}
 
     def layer_losses(self, outputs: dict, targets: list[dict], generator=None) -> tuple[dict, list]:
-        cfg = self.cfg
+        w = self.weights
         indices = self.matcher(outputs, targets)
         losses = {}
-        if cfg.cls_weight > 0:
+        if w["loss_ce"] > 0:
             losses["loss_ce"] = classification_loss(outputs["pred_logits"], targets, indices, self.num_classes,
                                                     self.empty_weight, self.normalizer)
-        if cfg.focal_weight > 0 or cfg.dice_weight > 0:
+        if w["loss_mask"] > 0 or w["loss_dice"] > 0:
             losses["loss_mask"], losses["loss_dice"] = mask_loss(outputs["pred_masks"], targets, indices,
-                                                                 cfg.focal_alpha, cfg.focal_gamma,
-                                                                 cfg.mask_points, generator, self.normalizer)
-        if cfg.comp_weight > 0:
-            losses["loss_comp"] = complementary_loss(outputs["pred_masks"], targets, indices, cfg.comp_bg_logit,
-                                                     cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha,
-                                                     cfg.focal_gamma, self.normalizer)
+                                                                 self.focal_alpha, self.focal_gamma,
+                                                                 self.mask_points, generator, self.normalizer)
+        if w["loss_comp"] > 0:
+            losses["loss_comp"] = complementary_loss(outputs["pred_masks"], targets, indices, self.comp_bg_logit,
+                                                     w["loss_mask"], w["loss_dice"], self.focal_alpha,
+                                                     self.focal_gamma, self.normalizer)
         return losses, indices
 
     def forward(self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None,
                 step: int | None = None) -> dict:
         """The enabled losses, unweighted. ``step``: the training step (0-based); DistLoss is left
-        out before ``loss.pp_start`` (``None``: always in, when its weight is > 0)."""
+        out before ``dist_start`` (``None``: always in, when its weight is > 0)."""
         losses, _ = self.layer_losses(outputs, targets, generator)
-        if self.cfg.deep_supervision:
+        if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux_losses, _ = self.layer_losses(aux, targets, generator)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         if self.similarity is not None:
             kw = {} if self.normalizer is None else {"normalizer": self.normalizer}
-            if step is not None and step < self.cfg.pp_start:
-                kw["pp_enabled"] = False
-            losses.update(self.similarity(outputs, targets, self.base_ids, self.novel_ids, generator, **kw))
+            dist_on = self.weights["loss_dist"] > 0 and (step is None or step >= self.dist_start)
+            losses.update(self.similarity(outputs, targets, self.base_ids, self.novel_ids, generator,
+                                          sim_enabled=self.weights["loss_sim"] > 0, dist_enabled=dist_on, **kw))
         return {k: v for k, v in losses.items() if k in self.weight_dict}
 
     def total(self, losses: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ out, and any pair with an ignore/padding pixel is left out.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -303,13 +303,13 @@ def _shares_novel(t_a: Mapping[str, torch.Tensor], t_b: Mapping[str, torch.Tenso
 
 
 def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
-              base_ids: torch.Tensor, novel_ids: torch.Tensor, pp_points: int = 100, pp_form: str = "cce",
-              pp_pairing: str = "cross_image", generator: torch.Generator | None = None,
+              base_ids: torch.Tensor, novel_ids: torch.Tensor, dist_points: int = 100, dist_form: str = "cce",
+              dist_pairing: str = "cross_image", generator: torch.Generator | None = None,
               normalizer=None) -> torch.Tensor:
     """**DistLoss**: distil SimNet's pixel-pair similarity onto the novel score maps.
 
     Only image pairs (0, 1), (2, 3), ... whose image-level novel labels
-    (``targets[i]["novel_ids"]``) intersect take part. Per image, ``pp_points`` pixels
+    (``targets[i]["novel_ids"]``) intersect take part. Per image, ``dist_points`` pixels
     (mask-feature resolution) are drawn uniformly from the non-base region: pixels whose
     label is novel or unknown (255 inside the image), padding (``targets[i]["valid"]``
     False) excluded; an image without such pixels drops its pair.
@@ -320,11 +320,11 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
     * student from the novel score vectors ``s(x)`` (:func:`novel_score_map`, ``N_novel``
       entries per pixel): ``ReLU(cos(s(x), s(y)))``.
 
-      - ``pp_pairing="cross_image"`` (default): ``student[i, j]`` pairs pixel ``i`` of image a
+      - ``dist_pairing="cross_image"`` (default): ``student[i, j]`` pairs pixel ``i`` of image a
         with pixel ``j`` of image b - the same pixel pair as ``t[i, j]``.
-      - ``pp_pairing="within_image"`` (the released code's choice): ``student[i, j]`` pairs
+      - ``dist_pairing="within_image"`` (the released code's choice): ``student[i, j]`` pairs
         pixels ``i`` and ``j`` of image a, while ``t[i, j]`` still pairs pixel ``i`` of a with
-        pixel ``j`` of b. Both are ``P x P`` (each image gives exactly ``pp_points`` pixels),
+        pixel ``j`` of b. Both are ``P x P`` (each image gives exactly ``dist_points`` pixels),
         so the two matrices are compared entry by entry although entry ``(i, j)`` refers to
         different pixel pairs; image b's score map then receives no gradient.
 
@@ -335,8 +335,8 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
     ``normalizer`` (multi-process training): the sum over this rank's eligible image pairs is
     divided by ``normalizer(#eligible pairs)`` (their number over the ranks / world_size).
     """
-    if pp_pairing not in PP_PAIRINGS:
-        raise ValueError(f"unknown pp_pairing {pp_pairing!r}; allowed: {', '.join(PP_PAIRINGS)}")
+    if dist_pairing not in PP_PAIRINGS:
+        raise ValueError(f"unknown dist_pairing {dist_pairing!r}; allowed: {', '.join(PP_PAIRINGS)}")
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     feats = outputs["mask_features"].detach()
     bsz, q, h, w = pred_masks.shape
@@ -360,7 +360,7 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
             keep = (_downsample_mask(valid, (h, w)).reshape(-1).cpu() if valid is not None
                     else torch.ones_like(lab, dtype=torch.bool))
             cand = (keep & ~torch.isin(lab, base)).nonzero().flatten()
-            idx.append(_pick(cand, pp_points, generator))
+            idx.append(_pick(cand, dist_points, generator))
         if idx[0].numel() == 0 or idx[1].numel() == 0:
             continue
         sel.append((a, b, idx[0].to(feats.device), idx[1].to(feats.device)))
@@ -374,7 +374,7 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         rows = [_pair_rows(feats[a].reshape(c, -1)[:, ia].t(), feats[b].reshape(c, -1)[:, ib].t())
                 for a, b, ia, ib in sel]
         t_all = simnet(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])).float()
-    n = pp_points * pp_points
+    n = dist_points * dist_points
     cls = torch.softmax(pred_logits.float(), dim=-1)[..., nov.to(pred_logits.device)]   # B x Q x N
 
     def scores(i: int, idx: torch.Tensor) -> torch.Tensor:        # P x N novel score vectors s(x)
@@ -383,11 +383,11 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
 
     losses = []
     for k, (a, b, ia, ib) in enumerate(sel):
-        teacher = t_all[k * n:(k + 1) * n].reshape(pp_points, pp_points)
+        teacher = t_all[k * n:(k + 1) * n].reshape(dist_points, dist_points)
         sa = scores(a, ia)
-        sb = sa if pp_pairing == "within_image" else scores(b, ib)
+        sb = sa if dist_pairing == "within_image" else scores(b, ib)
         student = F.relu(sa @ sb.t())
-        losses.append(pixel_pair_distillation(teacher, student, pp_form))
+        losses.append(pixel_pair_distillation(teacher, student, dist_form))
     if normalizer is not None:
         return torch.stack(losses).sum() / count
     return torch.stack(losses).mean()
@@ -399,51 +399,32 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
 class DualSimilarityLoss(nn.Module):
     """SimLoss + DistLoss with their SimNet and running pair statistics.
 
-    ``forward`` returns the *unweighted* enabled terms ``{"loss_sim", "loss_pp"}``;
-    multiply by :attr:`weight_dict` (``{"loss_sim": sim_weight, "loss_pp": pp_weight}``).
-    A term is enabled when its weight is > 0 unless ``sim_enabled`` / ``pp_enabled`` are
-    given to ``forward``; a disabled term is not computed at all (no SimNet call when both
-    are off). SimNet's parameters belong to this module: give them to the optimizer.
+    ``forward`` returns the *unweighted* terms asked for, ``{"loss_sim", "loss_dist"}``; their
+    weights live in the criterion (:class:`~.criterion.SetCriterion`), which says which are on.
+    A term not asked for is not computed at all (no SimNet call when both are off). SimNet's
+    parameters belong to this module: give them to the optimizer.
     """
 
-    def __init__(self, mask_dim: int, sim_weight: float = 1.0, pp_weight: float = 0.3,
-                 sim_points: int = 100, sim_base_points: int = 80, pp_points: int = 100,
-                 pp_form: str = "cce", pp_pairing: str = "cross_image", simnet_width: int = 256,
-                 simnet_block_convs: int = 1):
-        super().__init__()      # (pp_form, pp_pairing, sim_base_points: checked where they are used)
+    def __init__(self, mask_dim: int, *, sim_points: int = 100, sim_base_points: int = 80,
+                 dist_points: int = 100, dist_form: str = "cce", dist_pairing: str = "cross_image",
+                 simnet_width: int = 256, simnet_block_convs: int = 1):
+        super().__init__()      # (dist_form, dist_pairing, sim_base_points: checked where they are used)
         self.simnet = SimNet(mask_dim, simnet_width, block_convs=simnet_block_convs)
         self.stats = SimilarityStats()
-        self.sim_weight = float(sim_weight)
-        self.pp_weight = float(pp_weight)
         self.sim_points = int(sim_points)
         self.sim_base_points = int(sim_base_points)
-        self.pp_points = int(pp_points)
-        self.pp_form = pp_form
-        self.pp_pairing = pp_pairing
-
-    @classmethod
-    def from_config(cls, loss_cfg: Any, mask_dim: int, simnet_width: int = 256) -> "DualSimilarityLoss":
-        """Build from a :class:`pipeline.config.LossConfig`."""
-        return cls(mask_dim, sim_weight=loss_cfg.sim_weight, pp_weight=loss_cfg.pp_weight,
-                   sim_points=loss_cfg.sim_points, sim_base_points=loss_cfg.sim_base_points,
-                   pp_points=loss_cfg.pp_points, pp_form=loss_cfg.pp_form, pp_pairing=loss_cfg.pp_pairing,
-                   simnet_width=simnet_width, simnet_block_convs=loss_cfg.simnet_block_convs)
-
-    @property
-    def weight_dict(self) -> dict[str, float]:
-        return {"loss_sim": self.sim_weight, "loss_pp": self.pp_weight}
+        self.dist_points = int(dist_points)
+        self.dist_form = dist_form
+        self.dist_pairing = dist_pairing
 
     def forward(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
-                base_ids: torch.Tensor, novel_ids: torch.Tensor, generator: torch.Generator | None = None,
-                sim_enabled: bool | None = None, pp_enabled: bool | None = None,
-                normalizer=None) -> dict[str, torch.Tensor]:
-        sim_on = self.sim_weight > 0 if sim_enabled is None else bool(sim_enabled)
-        pp_on = self.pp_weight > 0 if pp_enabled is None else bool(pp_enabled)
+                base_ids: torch.Tensor, novel_ids: torch.Tensor, generator: torch.Generator | None = None, *,
+                sim_enabled: bool = True, dist_enabled: bool = True, normalizer=None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        if sim_on:
+        if sim_enabled:
             out["loss_sim"] = sim_loss(self.simnet, outputs["mask_features"], targets, base_ids, self.stats,
                                        self.sim_points, self.sim_base_points, generator, normalizer)
-        if pp_on:
-            out["loss_pp"] = dist_loss(self.simnet, outputs, targets, base_ids, novel_ids, self.pp_points,
-                                       self.pp_form, self.pp_pairing, generator, normalizer)
+        if dist_enabled:
+            out["loss_dist"] = dist_loss(self.simnet, outputs, targets, base_ids, novel_ids, self.dist_points,
+                                         self.dist_form, self.dist_pairing, generator, normalizer)
         return out

@@ -1,0 +1,190 @@
+"""Running the ablation grid: one cell (:func:`run_cell`), and every cell, ``workers`` at a time
+(:func:`plan_cells`, :func:`run_cells`). What a cell *is* (its params, its key) lives in
+:mod:`pipeline.ablation`; the grid's params in :class:`pipeline.config.AblationConfig`.
+
+A cell whose params equal the main training's reuses that model (never trains twice); others
+train with a resumable checkpoint (a finished one is only evaluated again). Each cell is
+evaluated like the main model and written to its own folder: cell.json, metrics.json,
+per_class_iou.csv, curve.csv and, when it trained, model.pt.
+
+Cells train ``workers`` at a time, each in its own spawned process with a fixed number of torch
+threads (:func:`pipeline.jobs.run_parallel`), so a cell's result never depends on which cells run
+beside it: it is bit-identical on one machine for the same threads (cell.json and the MLflow tag
+``torch_threads`` record them). The longest cells start first.
+
+MLflow: each cell's run is found again by params hash, so running again never duplicates it.
+A finished run is history: it is reopened only to re-evaluate the finished checkpoint it
+recorded, and gets only metrics it lacks. A cell that trains again although a finished run of
+its params exists (its checkpoint was removed), or whose finished checkpoint evaluates to other
+numbers than the run recorded, gets a new run, tagged ``differs_from_run_id`` when the old
+one's metrics disagree.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .ablation import cell_key, cell_params, shares_main_training
+from .config import AblationConfig, Params, params_file_text, params_hash
+
+SIMILARITY_COST = 1.7       # a step with SimLoss / DistLoss against one without (start order only)
+RESULT_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """Everything one cell needs; picklable (it crosses into a spawned worker)."""
+    variant: str
+    seed: int
+    params: Params              # the cell's effective params
+    params_text: str            # its params.yaml artifact (the main file's text for the shared cell)
+    shared: bool                # the params equal the main training's: evaluate that model
+    dataset_dir: Path
+    split_dir: Path
+    init: Path | None           # the pretrain stage's output (model.pretrained: weak_shot)
+    main_model: Path
+    checkpoint: Path            # <checkpoints>/<variant>-<seed>/cell.pt
+    out: Path                   # <out>/<variant>-<seed>/
+    threads: int                # torch threads (0: a fair share of the cores, pipeline.jobs.CoreShare)
+    mlflow: bool = True
+    progress: bool = False
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.variant, self.seed)
+
+
+def finished_checkpoint(path: Path, phash: str, iterations: int) -> bool:
+    """True when ``path`` holds the final checkpoint of the params with hash ``phash``."""
+    from .engine.checkpoint import load_checkpoint
+    if not path.is_file():
+        return False
+    ck = load_checkpoint(path)
+    return ck.get("params_hash") == phash and int(ck.get("step", -1)) == iterations
+
+
+def cell_cost(p: Params, shared: bool) -> float:
+    """Relative training time of a cell (start order only: the longest first)."""
+    if shared:
+        return 0.0
+    return p.train.iterations * (SIMILARITY_COST if p.loss.sim_weight > 0 or p.loss.pp_weight > 0 else 1.0)
+
+
+def plan_cells(main: Params, main_raw: Mapping[str, Any], grid: AblationConfig, main_text: str, *,
+               dataset_dir: Path, split_dir: Path, init: Path | None, main_model: Path, checkpoints: Path,
+               out: Path, cores: int, only: list[str] | None = None, mlflow: bool = True,
+               progress: bool = True) -> tuple[list[CellJob], int, int]:
+    """The grid's cells as jobs, longest first, with the workers and torch threads they run with.
+
+    ``only``: cell keys (``<variant>-<seed>``) to run instead of the whole grid (an unknown key is a
+    ValueError naming the grid's cells). Threads per cell: ``train.threads``, else ``cores //
+    workers`` (0 when one cell runs at a time: the fair share of :class:`pipeline.jobs.CoreShare`).
+    Returns ``(jobs, workers, threads)``.
+    """
+    cells = grid.cells()
+    if only:
+        keys = {cell_key(v, s): (v, s) for v, s in cells}
+        unknown = [c for c in only if c not in keys]
+        if unknown:
+            raise ValueError(f"--cell {unknown[0]!r} is not a cell of the grid; cells: {', '.join(keys)}")
+        cells = [keys[c] for c in dict.fromkeys(only)]
+    workers = min(grid.workers, len(cells))
+    threads = main.train.threads or (0 if workers == 1 else max(1, cores // workers))
+    jobs = []
+    for v, s in cells:
+        p = cell_params(main_raw, grid, v, s)
+        shared = shares_main_training(main, p)
+        key = cell_key(v, s)
+        jobs.append(CellJob(v, s, p, main_text if shared else params_file_text(p, f"ablation cell {key}"), shared,
+                            Path(dataset_dir), Path(split_dir), Path(init) if init else None, Path(main_model),
+                            Path(checkpoints) / key / "cell.pt", Path(out) / key, threads, mlflow,
+                            progress and workers == 1))
+    jobs.sort(key=lambda j: -cell_cost(j.params, j.shared))      # longest first; stable otherwise
+    return jobs, workers, threads
+
+
+def run_cells(jobs: list[CellJob], workers: int, on_done: Callable[[CellJob, dict], None] | None = None) -> list[dict]:
+    """:func:`run_cell` for every job, ``workers`` at a time (spawned processes); results in job order."""
+    from .jobs import run_parallel
+    return run_parallel(run_cell, jobs, workers, on_done)
+
+
+def run_cell(job: CellJob) -> dict:
+    """Train (or reuse) and evaluate one cell; write ``job.out``; log to MLflow. Returns the
+    summary (:data:`RESULT_KEYS`, ``seconds``, ``shared``)."""
+    from .data.dataset import input_example
+    from .engine.checkpoint import load_checkpoint
+    from .engine.device import resolve_device
+    from .engine.diagnostics import diagnostics_hook
+    from .engine.evaluate import evaluate_model, load_trained
+    from .engine.metrics import SUMMARY_KEYS
+    from .engine.pretrain import load_init
+    from .engine.train import export_model, train
+    from .io import atomic_dir, read_json, write_csv, write_eval_outputs, write_json
+    from .jobs import CoreShare
+    from .tracking import log_trained_model, metric_key, open_tracker, training_callbacks
+
+    start = time.perf_counter()
+    p, variant, seed, shared = job.params, job.variant, job.seed, job.shared
+    split, index = read_json(job.split_dir / "split.json"), read_json(job.split_dir / "index.json")
+    job.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tags = {"stage": "ablate", "variant": variant, "seed": str(seed)}
+    phash, name = params_hash(p), f"{variant}-seed{seed}"
+    # only an evaluation (shared cell, finished checkpoint) may reopen a finished run; a training gets its own
+    evaluation_only = shared or finished_checkpoint(job.checkpoint, phash, p.train.iterations)
+    tracker = open_tracker(p, job.params_text, tags, name, include_finished=evaluation_only) if job.mlflow else None
+    reopened = tracker is not None and tracker.status == "FINISHED"
+    # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
+    with contextlib.ExitStack() as runs, CoreShare(job.threads) as cores:
+        if tracker:
+            runs.enter_context(tracker)
+        if shared:
+            device = resolve_device(p.eval.device, "eval.device")
+            model, _, _ = load_trained(job.main_model, device)
+            history = load_checkpoint(job.main_model).get("history", [])
+            print(f"cell {job.key} shares the main training: reusing {job.main_model}")
+        else:
+            device = resolve_device(p.train.device)
+            model, result = train(p, job.dataset_dir, split, index, job.checkpoint,
+                                  on_log=training_callbacks(None if reopened else tracker, cores),
+                                  progress=job.progress, init=load_init(job.init, p.model.pretrained),
+                                  diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
+                                                               p.loss.oracle))
+            history = result.history
+        model.eval()
+        summary, per_class, _ = evaluate_model(model, job.dataset_dir, index, split, p, device, progress=job.progress)
+        metrics = {k: v for k, v in summary.items() if k in SUMMARY_KEYS}
+        if reopened:
+            logged = tracker.client.get_run(tracker.run_id).data.metrics
+            if any(logged.get(metric_key(k), v) != v for k, v in metrics.items()):
+                # not the result that run recorded: it stays as it is, and this result gets a run of its own
+                old = tracker.run_id
+                tracker = runs.enter_context(open_tracker(p, job.params_text, {**tags, "differs_from_run_id": old},
+                                                          name))
+                reopened = False
+                print(f"cell {job.key}: the finished MLflow run {old} of these params recorded other metrics; "
+                      f"logging to a new run {tracker.run_id}")
+                for rec in history:                  # the curve of the checkpoint's own training
+                    tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
+            else:
+                metrics = {k: v for k, v in metrics.items() if metric_key(k) not in logged}
+        with atomic_dir(job.out) as tmp:
+            facts = write_eval_outputs(tmp / "metrics.json", tmp / "per_class_iou.csv", summary, per_class)
+            write_json(tmp / "cell.json", {"variant": variant, "seed": seed, "params_hash": phash,
+                                           "shared_with_main": shared, "iterations": p.train.iterations,
+                                           "torch_threads": cores.used[-1] if cores.used else None, **facts,
+                                           "run_id": tracker.run_id if tracker else None})
+            write_csv(tmp / "curve.csv", history)
+            if not shared:
+                export_model(model, p, split, tmp / "model.pt", history)
+        if tracker:
+            tracker.set_tags({"variant": variant, "seed": str(seed)})
+            tracker.log_metrics(metrics)
+            tracker.set_tags({f"eval.{k}": v for k, v in facts.items()})
+            if not shared and not reopened:
+                log_trained_model(tracker, job.out / "model.pt", input_example(job.dataset_dir, index), cores,
+                                  register=False)
+    return {k: summary[k] for k in RESULT_KEYS} | {"seconds": time.perf_counter() - start, "shared": shared}
