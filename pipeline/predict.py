@@ -37,7 +37,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import IGNORE
@@ -280,17 +279,14 @@ def _resample_labels(scores: torch.Tensor, valid: tuple[int, int], padded: tuple
     Bilinear (``align_corners=False``) from the region of the padded input holding the image
     (``valid`` of ``padded`` pixels), in strips of output rows, then argmax / threshold.
     """
+    from .engine.evaluate import resample_scores
     k = scores.shape[0]
-    (vh, vw), (ph, pw), (oh, ow) = valid, padded, out
-    xs = (torch.arange(ow, dtype=torch.float32, device=scores.device) + 0.5) * (vw / ow) / pw * 2 - 1
+    oh, ow = out
     rows = max(1, _STRIP_VALUES // max(1, k * ow))
     label = np.empty((oh, ow), np.uint8)
-    src = scores[None].float()
     for r0 in range(0, oh, rows):
         r1 = min(oh, r0 + rows)
-        ys = (torch.arange(r0, r1, dtype=torch.float32, device=scores.device) + 0.5) * (vh / oh) / ph * 2 - 1
-        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1)[None]
-        s = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        s = resample_scores(scores, valid, padded, out, slice(r0, r1))
         best, arg = s.max(0)
         lab = arg.to(torch.uint8) if k <= IGNORE else arg.clamp(max=IGNORE - 1).to(torch.uint8)
         lab[~(best >= min_score)] = IGNORE  # also NaN scores

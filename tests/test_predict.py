@@ -234,20 +234,34 @@ def test_batches_of_mixed_sizes_equal_one_at_a_time(ade_model, tmp_path):
     assert lab.shape == P.read_image(paths[0]).shape[:2]
 
 
-def test_agrees_with_the_evaluation_inference(ade_model):
+@pytest.mark.parametrize("short_edge,max_edge", [(0, 0), (64, 0), (0, 48), (64, 80)])
+def test_agrees_with_the_evaluation_inference(ade_model, short_edge, max_edge):
+    """Predict and the evaluation resize test images with the one function (data.test_short_edge /
+    data.test_max_edge; 0 = unchanged) and label them alike, for every resize setting. With
+    short edge 0 and a max edge, the evaluation once kept the full size while predict capped it."""
+    from pipeline.data.dataset import TestImages, test_size
     from pipeline.engine.evaluate import predict as eval_predict
     model_pt, tree = ade_model
     model_pt = model_pt.with_name("sharp.pt")
-    pred = P.load_predictor(model_pt, torch.device("cpu"))
-    agree = []
-    for p in sorted((tree / "images/validation").glob("*.jpg")):
-        img = P.read_image(p)
+    pred = P.load_predictor(model_pt, torch.device("cpu"), short_edge=short_edge, max_edge=max_edge)
+    images = sorted((tree / "images/validation").glob("*.jpg"))
+    entries = [{"image": f"images/validation/{q.name}", "label": f"annotations/validation/{q.stem}.png"}
+               for q in images]
+    data = TestImages(tree, entries, short_edge, max_edge)
+    agree, classes = [], []
+    for i, q in enumerate(images):
+        img = P.read_image(q)
+        item = data[i]
+        assert tuple(item["image"].shape[-2:]) == test_size(*img.shape[:2], short_edge, max_edge)
+        if max_edge:
+            assert max(item["image"].shape[-2:]) <= max_edge
         ours = P.predict_arrays(pred, [img])[0]
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-        theirs = eval_predict(pred.model, x, img.shape[:2]).argmax(0).numpy()
-        assert len(np.unique(theirs)) >= 2
+        theirs = eval_predict(pred.model, item["image"], tuple(item["sem_seg"].shape)).argmax(0).numpy()
+        assert ours.shape == theirs.shape == img.shape[:2]
+        classes.append(len(np.unique(theirs)))
         agree.append((ours == theirs).mean())
-    assert min(agree) > 0.99, agree
+    assert max(classes) >= 2, classes               # boundaries are exercised
+    assert min(agree) == 1.0, agree
 
 
 def test_output_names_and_inputs(tmp_path):

@@ -25,17 +25,32 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     return model.to(device).eval(), p, ck["split"]
 
 
+def resample_scores(scores: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int],
+                    out: tuple[int, int], rows: slice = slice(None)) -> torch.Tensor:
+    """K x h' x w' class scores of a zero-padded input -> K x R x W scores at the output size
+    ``out`` (``rows`` of it: predict resamples big images in strips). Bilinear
+    (``align_corners=False``) from the region of the padded input holding the (resized) image:
+    ``valid`` of ``padded`` pixels. Evaluation and predict both label with this, so one image
+    gets one labelling whatever the test-time resize."""
+    (vh, vw), (ph, pw), (oh, ow) = valid, padded, out
+    r0, r1, _ = rows.indices(oh)
+    xs = (torch.arange(ow, dtype=torch.float32, device=scores.device) + 0.5) * (vw / ow) / pw * 2 - 1
+    ys = (torch.arange(r0, r1, dtype=torch.float32, device=scores.device) + 0.5) * (vh / oh) / ph * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1)[None]
+    return F.grid_sample(scores[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int],
             size_divisor: int = 32) -> torch.Tensor:
-    """image 3 x h x w (0..255) -> K x H x W class scores at ``out_size``."""
+    """image 3 x h x w (0..255; already at its test-time size) -> K x H x W class scores at
+    ``out_size`` (:func:`resample_scores`)."""
     _, h, w = image.shape
     ph, pw = -h % size_divisor, -w % size_divisor
     x = F.pad(image[None].float(), (0, pw, 0, ph))
     out = model(x)
     scores = semantic_inference(out["pred_logits"], out["pred_masks"])
-    scores = F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
-    return F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)[0]
+    return resample_scores(scores[0], (h, w), tuple(x.shape[-2:]), tuple(out_size))
 
 
 def evaluate(model: torch.nn.Module, dataset_dir: str | Path, entries: list[dict], num_classes: int,
