@@ -26,10 +26,8 @@ into place (``atomic_dir``); conversion runs in a process pool with a tqdm bar.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import cv2
@@ -38,6 +36,7 @@ from tqdm import tqdm
 
 from pipeline.data.sources import ADE20K_SPLITS, COCO_SPLITS, get_source
 from pipeline.io import atomic_dir, write_json
+from pipeline.jobs import run_parallel
 
 from pipeline.data import IGNORE
 
@@ -170,9 +169,12 @@ def _mat_variables(path: Path) -> str:
 _LUTS: dict[str, np.ndarray] = {}
 
 
-def _init_worker(luts: dict[str, np.ndarray]) -> None:
+def _convert_chunk_job(job: tuple[dict[str, np.ndarray], list]) -> list[dict]:
+    """A pool worker's share: OpenCV's own threads off (the pool's processes are the parallelism)."""
+    luts, chunk = job
     cv2.setNumThreads(0)
     _LUTS.update(luts)
+    return _convert_chunk(chunk)
 
 
 def _convert_one(item: tuple[str, str, str, str, str]) -> dict:
@@ -340,19 +342,8 @@ def _run(items: list, luts: dict, *, workers: int, progress: bool, desc: str) ->
                 bar.update(1)
             return results
         chunk = max(1, min(64, len(items) // (workers * 8) or 1))
-        chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(luts,)) as ex:
-            pending = {ex.submit(_convert_chunk, c): len(c) for c in chunks}
-            try:
-                while pending:
-                    done, _ = wait(list(pending), return_when=FIRST_EXCEPTION)
-                    for fut in done:
-                        n = pending.pop(fut)
-                        results.extend(fut.result())  # re-raises a worker's PrepareError
-                        bar.update(n)
-            except BaseException:
-                ex.shutdown(wait=True, cancel_futures=True)
-                raise
+        jobs = [(luts, items[i:i + chunk]) for i in range(0, len(items), chunk)]
+        # the shared spawn pool (pipeline.jobs): results in order; the first PrepareError stops the rest
+        for part in run_parallel(_convert_chunk_job, jobs, workers, lambda job, r: bar.update(len(job[1]))):
+            results.extend(part)
     return results
