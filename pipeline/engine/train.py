@@ -33,12 +33,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import LossConfig, Params, TrainConfig, check_world_batch, params_hash, to_dict
+from ..config import Params, TrainConfig, check_world_batch, params_hash, to_dict
 from ..data.dataset import TrainCrops, collate_train, worker_init
 from ..data.sampler import PairBatchSampler, RandomBatchSampler
 from ..data.targets import weak_shot_targets
 from ..io import remove_stale_temps
-from ..losses.build import build_criterion
+from ..losses.build import build_criterion, leaves_parameters_unused
 from ..model import build_model
 from . import distributed as D
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -166,7 +166,7 @@ def build_training(p: Params, split: dict, device: torch.device, fast: FastPath,
     if p.train.freeze == "encoder":
         model.pixel_decoder.requires_grad_(False)
     criterion = build_criterion(p, split["num_classes"], split["base"], split["novel"]).to(device)
-    wrap = partial(D.wrap_model, device=device, find_unused=_loss_family_off(p.loss)) if dist.distributed else None
+    wrap = partial(D.wrap_model, device=device, find_unused=leaves_parameters_unused(p)) if dist.distributed else None
     forward = prepare_model(model, fast, wrap)
     if dist.distributed:
         criterion.normalizer = D.GlobalCount(dist.world_size)
@@ -300,14 +300,6 @@ def prepare_model(model: torch.nn.Module, fast: FastPath, wrap: Callable | None 
         model.to(memory_format=torch.channels_last)
     forward = wrap(model) if wrap is not None else model
     return torch.compile(forward) if fast.compile else forward
-
-
-def _loss_family_off(lc: LossConfig) -> bool:
-    """True when a whole family of losses is off, so that some parameters get no gradient (only
-    then must DDP search the graph for unused parameters, which is slower)."""
-    no_mask_loss = lc.focal_weight == 0 and lc.dice_weight == 0 and lc.comp_weight == 0 and lc.pp_weight == 0
-    no_class_loss = lc.cls_weight == 0 and lc.pp_weight == 0
-    return no_mask_loss or no_class_loss
 
 
 def build_train_loader(p: Params, dataset_dir: str | Path, index: dict, start: int, stop: int,

@@ -18,6 +18,15 @@ def loss_weights(p: Params) -> dict[str, float]:
             "loss_comp": lc.comp_weight, "loss_sim": lc.sim_weight, "loss_dist": lc.pp_weight}
 
 
+def leaves_parameters_unused(p: Params) -> bool:
+    """True when a whole family of losses is off, so that some parameters get no gradient (only
+    then must DDP search the graph for unused parameters, which is slower)."""
+    w = loss_weights(p)
+    no_mask_loss = w["loss_mask"] == 0 and w["loss_dice"] == 0 and w["loss_comp"] == 0 and w["loss_dist"] == 0
+    no_class_loss = w["loss_ce"] == 0 and w["loss_dist"] == 0
+    return no_mask_loss or no_class_loss
+
+
 def build_criterion(p: Params, num_classes: int, base_ids: list[int], novel_ids: list[int]) -> SetCriterion:
     lc = p.loss
     matcher = HungarianMatcher(lc.match_class_cost, lc.match_focal_cost, lc.match_dice_cost,
