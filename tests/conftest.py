@@ -1,13 +1,16 @@
+"""Fixtures and hooks shared by every test module; plain helper functions are in tests/helpers.py."""
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from tests.helpers import ROOT, file_params, small_params  # noqa: E402,F401  (ROOT, file_params re-exported)
 
 
 @pytest.fixture(autouse=True)
@@ -33,18 +36,55 @@ def module_dir(request, tmp_path_factory, name: str) -> Path:
     return path
 
 
-def _merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def _make_tiny_data(root: Path) -> Path:
+    from pipeline.config import build_params
+    from pipeline.data.splits import build_split, write_split
+    from pipeline.data.synthetic import generate_dataset
+    p = build_params(small_params())
+    generate_dataset(root / "dataset", p.data.synthetic, p.base.seed, progress=False)
+    split, index = build_split(root / "dataset", "synthetic", 1, progress=False)
+    write_split(root / "split", split, index)
+    return root
 
 
-def file_params(overrides: dict | None = None) -> dict:
-    """The params file's mapping (params.yaml sets every key: it is the only place a value
-    lives) with ``overrides`` merged in, e.g. ``{"train": {"lr": 1e-3}}``."""
-    import yaml
-    return _merged(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides or {})
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """``dataset/`` and ``split/`` of the small_params config, built by the functions the download
+    and prepare stages call (read-only: tests that damage data copy it first)."""
+    return _make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An initialised (migrated) empty store, copied per test: creating one costs seconds."""
+    pytest.importorskip("mlflow")
+    from pipeline import tracking
+    root = tmp_path_factory.mktemp("mlflow_template")
+    tracking.open_client(root).search_experiments()
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path, mlflow_template, monkeypatch) -> Path:
+    """A fresh MLflow store root for this test, found by the stages through $DVC_ROOT."""
+    root = tmp_path / "store"
+    root.mkdir()
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def no_internet(monkeypatch):
+    """Any host other than the loopback fails name resolution, as on an offline machine."""
+    real = socket.getaddrinfo
+
+    def offline(host, *a, **k):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
+        return real(host, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
 
 
 NEEDED_GIB = 4      # measured peak of the whole suite: 3.5 GB (the e2e projects' DVC caches, MLflow artifacts, checkpoints)

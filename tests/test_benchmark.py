@@ -19,7 +19,7 @@ from pipeline.engine.benchmark import PHASES, VARIANTS, make_dataset
 from pipeline.engine.train import FastPath, build_criterion, prepare_model, train
 from pipeline.losses.matcher import PerImageMatcher
 from pipeline.model import build_model
-from tests.conftest import file_params
+from tests.helpers import file_params
 
 TINY = {
     "data": {"crop_size": 64, "synthetic": {"num_train": 16, "num_test": 4, "image_size": 64}},

@@ -1,12 +1,15 @@
+"""params.yaml and pipeline.config: the file holds every value, defaults and help, hashing, and
+validation (wrong type, out of range, unknown key, non-finite) naming the key."""
 import dataclasses
 import json
+import re
 import typing
 
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, Params, build_params, describe, flatten, params_hash, to_dict
-from tests.conftest import ROOT, file_params
+from tests.helpers import ROOT, file_params, merge, small_params
 
 
 def test_params_yaml_is_valid_and_defaults_match():
@@ -128,24 +131,78 @@ def test_yaml_exponent_strings_are_numbers_for_float_keys():
         build_params(file_params({"train": {"iterations": "1e3"}}))
 
 
-def test_readme_quotes_params_yaml_values():
-    """Every value the README gives as a default is params.yaml's: the rows of its `| key | default |`
-    tables and its copy of the ablation grid."""
-    import re
-    readme = (ROOT / "README.md").read_text()
-    flat = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    rows, table = [], False
-    for line in readme.splitlines():
-        if line.startswith("| key | default |"):
-            table = True
-        elif not line.startswith("|"):
-            table = False
-        elif table and not line.startswith("|---"):
-            rows.append([c.strip() for c in line.strip("|").split("|")])
-    assert len(rows) >= 20
-    for key, default, *_ in rows:
-        key = key.strip("`")
-        assert key in flat, key
-        assert yaml.safe_load(default) == flat[key], f"README says {key} = {default}, params.yaml {flat[key]!r}"
-    (grid,) = re.findall(r"```yaml\n(ablation:.*?)```", readme, flags=re.S)
-    assert yaml.safe_load(grid)["ablation"] == yaml.safe_load((ROOT / "params.yaml").read_text())["ablation"]
+# ============================================================================ validation of every group
+
+# group -> [(bad value, message fragments)]: wrong type, out of range, unknown key (+ a choice)
+BAD_PARAMS = [
+    ({"base": {"seed": "six"}}, ["'base.seed'", "expected an integer", "'six'"]),
+    ({"base": {"seed": -1}}, ["'base.seed'", "-1 is out of range", ">= 0"]),
+    ({"base": {"sed": 1}}, ["unknown params key 'base.sed'", "Did you mean 'base.seed'?", "Allowed keys in 'base': seed"]),
+    ({"data": {"crop_size": 64.5}}, ["'data.crop_size'", "expected an integer", "64.5 (float)"]),
+    ({"data": {"prepare_workers": 0}}, ["'data.prepare_workers'", "out of range", ">= 1"]),
+    ({"data": {"scale_min": 0.0}}, ["'data.scale_min'", "out of range", "> 0.0"]),
+    ({"data": {"crop_sise": 64}}, ["unknown params key 'data.crop_sise'", "Did you mean 'data.crop_size'?",
+                                   "Allowed keys in 'data':", "crop_size"]),
+    ({"data": {"synthetic": {"image_size": "big"}}}, ["'data.synthetic.image_size'", "expected an integer"]),
+    ({"data": {"synthetic": {"image_size": 2048}}}, ["'data.synthetic.image_size'", "out of range", "<= 1024"]),
+    ({"data": {"synthetic": {"num_trian": 8}}}, ["unknown params key 'data.synthetic.num_trian'",
+                                                 "Did you mean 'data.synthetic.num_train'?"]),
+    ({"data": {"synthetic": 5}}, ["'data.synthetic'", "expected a mapping"]),
+    ({"model": {"hidden_dim": "128"}}, ["'model.hidden_dim'", "expected an integer", "'128' (str)"]),
+    ({"model": {"dropout": 1.5}}, ["'model.dropout'", "out of range", "<= 1.0"]),
+    ({"model": {"backbone": "vit_b"}}, ["'model.backbone'", "allowed values: resnet18, resnet34, resnet50, resnet101"]),
+    ({"model": {"backbon": "resnet18"}}, ["unknown params key 'model.backbon'", "Did you mean 'model.backbone'?"]),
+    ({"loss": {"deep_supervision": "yes please"}}, ["'loss.deep_supervision'", "expected true or false"]),
+    ({"loss": {"focal_alpha": 2.0}}, ["'loss.focal_alpha'", "out of range", "<= 1.0"]),
+    ({"loss": {"pp_form": "kl"}}, ["'loss.pp_form'", "allowed values: cce, ce"]),
+    ({"loss": {"pp_pairing": "both"}}, ["'loss.pp_pairing'", "allowed values: cross_image, within_image"]),
+    ({"loss": {"simnet_block_convs": 3}}, ["'loss.simnet_block_convs'", "out of range", "<= 2"]),
+    ({"loss": {"pp_start": -1}}, ["'loss.pp_start'", "out of range", ">= 0"]),
+    ({"loss": {"sim_wieght": 1.0}}, ["unknown params key 'loss.sim_wieght'", "Did you mean 'loss.sim_weight'?"]),
+    ({"train": {"batch_size": 8.0}}, ["'train.batch_size'", "expected an integer", "8.0 (float)"]),
+    ({"train": {"checkpoint_interval": 0}}, ["'train.checkpoint_interval'", "out of range", ">= 1"]),
+    ({"train": {"batch_size": 5}}, ["'train.batch_size'", "must be even"]),
+    ({"train": {"iteration": 10}}, ["unknown params key 'train.iteration'", "Did you mean 'train.iterations'?"]),
+    ({"eval": {"max_images": "all"}}, ["'eval.max_images'", "expected an integer"]),
+    ({"eval": {"max_images": -1}}, ["'eval.max_images'", "out of range", ">= 0"]),
+    ({"eval": {"device": "gpu"}}, ["'eval.device'", "allowed values: auto, cpu, cuda"]),
+    ({"eval": {"devcie": "cpu"}}, ["unknown params key 'eval.devcie'", "Did you mean 'eval.device'?"]),
+    ({"pseudo": {"enabled": "maybe"}}, ["'pseudo.enabled'", "expected true or false"]),
+    ({"pseudo": {"iterations": -5}}, ["'pseudo.iterations'", "out of range", ">= 0"]),
+    ({"pseudo": {"iters": 5}}, ["unknown params key 'pseudo.iters'", "Allowed keys in 'pseudo': enabled, iterations"]),
+    ({"pretrain": {"lr": "fast"}}, ["'pretrain.lr'", "expected a number"]),
+    ({"pretrain": {"iterations": 0}}, ["'pretrain.iterations'", "out of range", ">= 1"]),
+    ({"pretrain": {"iters": 5}}, ["unknown params key 'pretrain.iters'", "Did you mean 'pretrain.iterations'?"]),
+    ({"report": {"title": 5}}, ["'report.title'", "expected a string", "5 (int)"]),
+    ({"report": {"smoothing": 0}}, ["'report.smoothing'", "out of range", ">= 1"]),
+    ({"report": {"smooth": 3}}, ["unknown params key 'report.smooth'", "Did you mean 'report.smoothing'?"]),
+]
+
+
+@pytest.mark.parametrize("bad, fragments", BAD_PARAMS, ids=lambda x: json.dumps(x) if isinstance(x, dict) else "")
+def test_every_group_rejects_wrong_type_range_and_typo(bad, fragments):
+    from pipeline.config import ConfigError, build_params
+    with pytest.raises(ConfigError) as ei:
+        build_params(merge(small_params(), bad))
+    for frag in fragments:
+        assert frag in str(ei.value), str(ei.value)
+
+
+def test_bad_params_cover_every_group_three_ways():
+    from pipeline.config import GROUPS
+    kinds: dict[str, set] = {g: set() for g in GROUPS}
+    for bad, frags in BAD_PARAMS:
+        (group,) = bad
+        text = " ".join(frags)
+        kinds[group] |= {"typo" if "unknown params key" in text else "range" if "out of range" in text
+                         else "type" if "expected" in text else "other"}
+    assert all({"typo", "range", "type"} <= k for k in kinds.values()), kinds
+
+
+@pytest.mark.parametrize("bad", [{"train": {"lr": float("nan")}}, {"loss": {"pp_weight": float("inf")}},
+                                 {"model": {"dropout": float("nan")}}])
+def test_non_finite_float_params_rejected(bad):
+    from pipeline.config import ConfigError, build_params
+    key = next(f"{g}.{k}" for g, v in bad.items() for k in v)
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*finite"):
+        build_params(merge(small_params(), bad))

@@ -1,10 +1,10 @@
-"""Local archives that just work and preparation messages that help (issue 13, items 1-6, 8).
+"""Local archives that just work and preparation messages that help.
 
-Tiny archives in the official layouts (builders from tests/test_prepare_real.py), changed one
-member at a time: per-dataset checksum overrides and messages naming the key, no first-use pin
-for an archive that fails preparation, member paths (never the temporary folder) in errors,
-the real variables of a ``.mat``, counted and reported unexpected label values, the restore
-hint after a failed ``download`` under DVC, and a prepare stage whose pool workers end quietly.
+Tiny archives in the official layouts (builders in tests/helpers.py), changed one member at a
+time: per-dataset checksum overrides and messages naming the key, no first-use pin for an
+archive that fails preparation, member paths (never the temporary folder) in errors, the real
+variables of a ``.mat``, counted and reported unexpected label values, the restore hint after a
+failed ``download`` under DVC, and a prepare stage whose pool workers end quietly.
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ import yaml
 from pipeline.data.acquire import AcquireError, acquire_dataset
 from pipeline.data.prepare import prepare_dataset, unknown_values_warning
 from pipeline.data.sources import scoped_override
-from tests.conftest import ROOT
-from tests.test_prepare_real import (COCO_TEST, COCO_TRAIN, _md5, _no_internet, _png, make_ade_zip,  # noqa: F401
-                                     make_coco_zip)
+from tests.helpers import (COCO_TEST, COCO_TRAIN, ROOT, dvc, make_ade_zip, make_coco_zip, make_project, md5_checksum,
+                           png_bytes, project_env, tiny_params)
+
+pytestmark = pytest.mark.usefixtures("no_internet")      # any host but the loopback fails name resolution
 
 ADE_MD5 = "md5:7328b3957e407ddae1d3cbf487f149ef"
 
@@ -59,7 +60,7 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-# ----------------------------------------------------------------------------- item 2: checksum keys
+# ----------------------------------------------------------------------------- checksum keys
 
 def test_scoped_override_parsing():
     both = "ade20k=md5:" + "a" * 32 + ", coco_stuff_10k=sha256:" + "b" * 64
@@ -105,14 +106,14 @@ def test_pinned_checksum_mismatch_names_the_key(tmp_path):
                         progress=False, allow_network=False)
     msg = str(ei.value)
     assert ADE_MD5 in msg and "pinned checksum of the official ADEChallengeData2016.zip" in msg
-    assert f"`data.checksum: ade20k={_md5(arc)}`" in msg
+    assert f"`data.checksum: ade20k={md5_checksum(arc)}`" in msg
     # following the advice works
     s = acquire_dataset("ade20k", tmp_path / "dataset", tmp_path / "raw", archive_dir=str(archives),
-                        checksum=f"ade20k={_md5(arc)}", progress=False, allow_network=False)
+                        checksum=f"ade20k={md5_checksum(arc)}", progress=False, allow_network=False)
     assert s["train"] == 2 and s["verification"] == "md5 given checksum"
 
 
-# ----------------------------------------------------------------------------- items 3-5: pin, paths, keys
+# ----------------------------------------------------------------------------- pin, paths, keys
 
 def test_coco_archive_that_fails_preparation_is_not_pinned(tmp_path):
     raw = tmp_path / "raw"
@@ -125,11 +126,11 @@ def test_coco_archive_that_fails_preparation_is_not_pinned(tmp_path):
     with pytest.raises(AcquireError) as ei:
         acquire_dataset("coco_stuff_10k", tmp_path / "dataset", raw, progress=False, allow_network=False)
     msg = str(ei.value)
-    assert f"label {member} in {arc} has no variable 'S'" in msg          # item 4: the member path
+    assert f"label {member} in {arc} has no variable 'S'" in msg          # the member path
     assert ".extract-" not in msg
-    assert "labelMap (3x4 " in msg and "names (1x2 cell)" in msg            # item 5: the real keys
+    assert "labelMap (3x4 " in msg and "names (1x2 cell)" in msg            # the real keys
     assert "Nothing was recorded in cocostuff-10k-v1.1.zip.sha256" in msg
-    assert _leftovers(raw) == ["cocostuff-10k-v1.1.zip"]                 # item 3: not pinned
+    assert _leftovers(raw) == ["cocostuff-10k-v1.1.zip"]                 # not pinned
     assert not (tmp_path / "dataset").exists()
     # a good copy put in its place is accepted and pinned
     shutil.copy(good, arc)
@@ -162,7 +163,7 @@ def test_wrong_tree_names_the_archive(tmp_path):
     assert "ADEChallengeData2016" in msg and ".extract-" not in msg
 
 
-# ----------------------------------------------------------------------------- item 6: unexpected values
+# ----------------------------------------------------------------------------- unexpected values
 
 def test_unexpected_label_values_counted_and_warned(tmp_path):
     archives = tmp_path / "archives"
@@ -170,10 +171,10 @@ def test_unexpected_label_values_counted_and_warned(tmp_path):
     lab = np.array([[0, 1, 151, 2], [200, 200, 0, 150], [75, 76, 149, 151]], np.uint8)
     val = np.full((4, 4), 200, np.uint8)
     arc = _rezip(make_ade_zip(tmp_path / "ade.zip"), archives / "ADEChallengeData2016.zip", {
-        "ADEChallengeData2016/annotations/training/ADE_train_00000001.png": _png(lab),
-        "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png": _png(val)})
+        "ADEChallengeData2016/annotations/training/ADE_train_00000001.png": png_bytes(lab),
+        "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png": png_bytes(val)})
     out = tmp_path / "dataset"
-    s = acquire_dataset("ade20k", out, tmp_path / "raw", checksum=f"ade20k={_md5(arc)}", archive_dir=str(archives),
+    s = acquire_dataset("ade20k", out, tmp_path / "raw", checksum=f"ade20k={md5_checksum(arc)}", archive_dir=str(archives),
                         progress=False, allow_network=False)
     assert s["unknown_label_values"] == {"151": 1, "200": 2}          # images per value
     assert s["unknown_label_pixels"] == {"151": 2, "200": 18}         # pixels per value
@@ -215,11 +216,11 @@ def test_download_stage_prints_the_warning_and_counts(tmp_path):
     archives.mkdir()
     lab = np.array([[0, 1, 151, 2], [1, 1, 0, 150], [75, 76, 149, 0]], np.uint8)
     arc = _rezip(make_ade_zip(tmp_path / "ade.zip"), archives / "ADEChallengeData2016.zip",
-                 {"ADEChallengeData2016/annotations/training/ADE_train_00000001.png": _png(lab)})
+                 {"ADEChallengeData2016/annotations/training/ADE_train_00000001.png": png_bytes(lab)})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # both datasets scoped: only the ADE20K entry applies
     params["data"].update({"dataset": "ade20k", "archive_dir": str(archives), "prepare_workers": 1,
-                           "checksum": f"coco_stuff_10k=sha256:{'0' * 64}, ade20k={_md5(arc)}"})
+                           "checksum": f"coco_stuff_10k=sha256:{'0' * 64}, ade20k={md5_checksum(arc)}"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r = subprocess.run([sys.executable, "-m", "stages.download", "--params", str(tmp_path / "params.yaml"),
                         "--out", str(tmp_path / "dataset"), "--raw", str(tmp_path / "raw"), "--no-progress"],
@@ -230,10 +231,9 @@ def test_download_stage_prints_the_warning_and_counts(tmp_path):
     assert "unknown_label_values=151:1img/1px" in r.stdout and "train=2" in r.stdout
 
 
-# ----------------------------------------------------------------------------- item 8: restore hint
+# ----------------------------------------------------------------------------- restore hint
 
 def test_failed_download_under_dvc_says_how_to_restore(tmp_path):
-    from tests.test_pipeline_e2e import dvc, make_project, project_env, tiny_params
     params = tiny_params()
     project = make_project(tmp_path / "proj", params)
     dvc(project, "repro", "download")
@@ -270,7 +270,6 @@ def test_restore_hint_only_under_dvc(tmp_path, monkeypatch):
 def test_prepare_stage_with_workers_prints_no_traceback(tmp_path):
     from pipeline.config import build_params
     from pipeline.data.synthetic import generate_dataset
-    from tests.test_pipeline_e2e import tiny_params
     params = tiny_params()
     params["data"]["prepare_workers"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -30,8 +30,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.test_reliability import mlflow_template, small_params, tiny_data, write_params  # noqa: F401
+from tests.helpers import ROOT, small_params, write_params
 
 ITERATIONS = 3
 GLOBAL_BATCH = 4
@@ -109,7 +108,7 @@ def _stage_argv(project: Path) -> list[str]:
             "--curve", str(project / "reports/train_curve.csv"), "--no-progress"]
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_data, mlflow_template):  # noqa: F811
+def test_two_processes_match_one_process(tmp_path, tiny_data, mlflow_template):
     from pipeline.config import build_params
     from pipeline.engine.train import train
     pytest.importorskip("mlflow")
@@ -222,7 +221,7 @@ D.cleanup()
 '''
 
 
-def test_two_processes_similarity_losses_and_resume(tmp_path, tiny_data):  # noqa: F811
+def test_two_processes_similarity_losses_and_resume(tmp_path, tiny_data):
     from pipeline.config import build_params
     raw = small_params(model={"dropout": 0.1},
                        train={"iterations": ITERATIONS, "batch_size": GLOBAL_BATCH, "checkpoint_interval": 1,

@@ -23,7 +23,7 @@ with CoreShare(0, {folder!r}):
 @pytest.fixture
 def other_training(tmp_path):
     """Another process registered as a running training in ``tmp_path / 'jobs'``."""
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
     folder = tmp_path / "jobs"
     proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), folder=str(folder))],
                             stdout=subprocess.PIPE, text=True)

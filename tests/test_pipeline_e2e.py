@@ -1,9 +1,9 @@
 """Drives every stage end to end through `dvc repro` on a tiny config, then a `dvc exp run`
-variant that must re-run train, evaluate and report only."""
+variant that must re-run train, evaluate and report only. The tests share one project (module
+scope) and run in file order: the later ones change it (run cache, experiments, the queue)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -15,102 +15,8 @@ import cv2
 import pytest
 import yaml
 
-from tests.conftest import ROOT, module_dir
-
-TINY = {
-    "base": {"seed": 3},
-    "data": {"crop_size": 64, "synthetic": {"num_train": 16, "num_test": 4, "image_size": 64},
-             "prepare_workers": 1},
-    "model": {"hidden_dim": 32, "num_queries": 8, "nheads": 2, "dec_layers": 2, "dim_feedforward": 64,
-              "conv_dim": 32, "mask_dim": 32, "gn_groups": 8},
-    "loss": {"sim_points": 10, "sim_base_points": 8, "pp_points": 10},
-    "train": {"iterations": 4, "batch_size": 4, "checkpoint_interval": 2, "log_interval": 1, "threads": 1,
-              "diagnostics_interval": 2},
-    "pretrain": {"iterations": 3, "batch_size": 4},
-    "pseudo": {"enabled": True, "iterations": 2},
-}
-# Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training. Two
-# workers: the three cells that train run two at a time, in spawned processes (train.threads 1).
-TINY_ABLATION = {"seeds": [3, 4], "iterations": 0, "workers": 2, "run": ["baseline", "full"],
-                 "variants": {"baseline": {"loss": {"comp_weight": 0.0, "sim_weight": 0.0, "pp_weight": 0.0}},
-                              "full": {}}}
-
-
-def tiny_params() -> dict:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for group, values in TINY.items():
-        for k, v in values.items():
-            if isinstance(v, dict):
-                p[group][k].update(v)
-            else:
-                p[group][k] = v
-    p["ablation"] = TINY_ABLATION
-    return p
-
-
-def make_project(dst: Path, params: dict) -> Path:
-    for name in ("pipeline", "stages", "tools"):
-        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, dst / name)
-    (dst / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = project_env()
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dst, check=True, env=env)
-    return dst
-
-
-def project_env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@localhost", "OMP_NUM_THREADS": "1"})
-    env.pop("DVC_ROOT", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    dvc_bin = Path(sys.executable).parent / "dvc"
-    r = subprocess.run([str(dvc_bin), *args], cwd=project, env=project_env(), capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def mlflow_runs(project: Path) -> list[tuple]:
-    con = sqlite3.connect(project / "mlflow.db")
-    try:
-        return con.execute(
-            "select r.run_uuid, r.status, e.name from runs r join experiments e on r.experiment_id = e.experiment_id "
-            "where r.lifecycle_stage = 'active'").fetchall()
-    finally:
-        con.close()
-
-
-def run_tags(project: Path) -> dict[str, dict[str, str]]:
-    """run id -> tags, for runs not deleted."""
-    con = sqlite3.connect(project / "mlflow.db")
-    try:
-        rows = con.execute("select t.run_uuid, t.key, t.value from tags t join runs r on r.run_uuid = t.run_uuid "
-                           "where r.lifecycle_stage = 'active'").fetchall()
-    finally:
-        con.close()
-    out: dict[str, dict[str, str]] = {}
-    for run_id, k, v in rows:
-        out.setdefault(run_id, {})[k] = v
-    return out
-
-
-def metric_keys(project: Path, run_id: str) -> set[str]:
-    con = sqlite3.connect(project / "mlflow.db")
-    try:
-        return {r[0] for r in con.execute("select distinct key from metrics where run_uuid = ?", (run_id,))}
-    finally:
-        con.close()
+from tests.conftest import module_dir
+from tests.helpers import dvc, make_project, metric_keys, mlflow_runs, project_env, run_info, run_tags, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -239,16 +145,6 @@ def test_dvc_metrics_are_only_metrics(project: Path):
     grid = files["reports/ablation.json"]["data"]
     assert sorted(grid["baseline"]) == ["hIoU", "mIoU", "mIoU_base", "mIoU_novel"]
     assert sorted(grid["baseline"]["mIoU"]) == ["mean", "n", "std"]
-
-
-def run_info(project: Path) -> dict[str, tuple]:
-    """run id -> (status, start_time, end_time, name)."""
-    con = sqlite3.connect(project / "mlflow.db")
-    try:
-        return {r[0]: r[1:] for r in con.execute("select run_uuid, status, start_time, end_time, name from runs "
-                                                 "where lifecycle_stage = 'active'")}
-    finally:
-        con.close()
 
 
 def test_mlflow_runs_parent_and_children(project: Path):
@@ -442,22 +338,6 @@ def test_two_queued_experiments_run_side_by_side(project: Path):
     assert all(info[r][0] == "FINISHED" and tags[r]["torch_threads"] for r in trains.values())
     (s1, e1), (s2, e2) = (info[r][1:3] for r in trains.values())
     assert s1 < e2 and s2 < e1                                          # they trained at the same time
-
-
-def test_readme_exp_show_line_fits_a_terminal(project: Path):
-    import re
-    import shlex
-    readme = (ROOT / "README.md").read_text()
-    (line,) = re.findall(r"^(dvc exp show --drop .*?)\s*(?:#.*)?$", readme, re.M)
-    env = {**project_env(), "COLUMNS": "120"}
-    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), *shlex.split(line)[1:], "--no-pager"], cwd=project,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    header = next(ln for ln in lines if "Experiment" in ln)
-    assert "…" not in r.stdout and max(map(len, lines)) <= 120, r.stdout
-    for col in ("mIoU_novel", "loss.pp_weight", "baseline.mIoU_novel.mean", "full.mIoU_novel.mean"):
-        assert col in header, r.stdout
 
 
 def test_bad_params_fail_before_work(tmp_path: Path):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pipeline import predict as P
-from tests.conftest import ROOT, file_params, module_dir
-from tests.test_prepare_real import _md5, _png
+from tests.conftest import module_dir
+from tests.helpers import ROOT, file_params, md5_checksum, png_bytes
 
 ADE_TRAIN = {  # stem: (height, width) - several sizes, like real photos
     "ADE_train_00000001": (48, 64), "ADE_train_00000002": (64, 48),
@@ -56,7 +56,7 @@ def make_official_ade_zip(path: Path) -> Path:
                 ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
                 assert ok
                 zf.writestr(f"{top}/images/{split}/{stem}.jpg", jpg.tobytes())
-                zf.writestr(f"{top}/annotations/{split}/{stem}.png", _png(lab))
+                zf.writestr(f"{top}/annotations/{split}/{stem}.png", png_bytes(lab))
     return path
 
 
@@ -85,7 +85,7 @@ def ade_model(request, tmp_path_factory):
     root = module_dir(request, tmp_path_factory, "ade_model")
     (root / "archives").mkdir()
     arc = make_official_ade_zip(root / "archives" / "ADEChallengeData2016.zip")
-    acquire_dataset("ade20k", root / "dataset", root / "raw", checksum=f"ade20k={_md5(arc)}",
+    acquire_dataset("ade20k", root / "dataset", root / "raw", checksum=f"ade20k={md5_checksum(arc)}",
                     archive_dir=str(arc.parent), progress=False, allow_network=False)
     split, index = build_split(root / "dataset", "ade20k", 1, progress=False)
     p = build_params(file_params(TINY_MODEL))

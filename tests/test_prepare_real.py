@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import io
 import json
-import socket
 import struct
 import threading
 import zipfile
@@ -21,109 +19,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import scipy.io
 
 from pipeline.data.acquire import AcquireError, acquire_dataset
 from pipeline.data.prepare import PrepareError, prepare_dataset
 from pipeline.data.sources import get_source
+from tests.helpers import (ADE_TRAIN_1_EXPECTED, COCO_S1, COCO_S1_EXPECTED, COCO_TEST, COCO_TRAIN, make_ade_zip,
+                           make_coco_zip, md5_checksum)
+
+pytestmark = pytest.mark.usefixtures("no_internet")      # any host but the loopback fails name resolution
 
 CLASSES = json.loads((Path(__file__).parents[1] / "pipeline/data/classes.json").read_text())
-
-
-@pytest.fixture(autouse=True)
-def _no_internet(monkeypatch):
-    """Any host other than the loopback fails name resolution, as on an offline machine."""
-    real = socket.getaddrinfo
-
-    def offline(host, *a, **k):
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
-        return real(host, *a, **k)
-
-    monkeypatch.setattr(socket, "getaddrinfo", offline)
-
-
-# ----------------------------------------------------------------------------- archive builders
-
-def _jpg(h, w, seed):
-    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    ok, buf = cv2.imencode(".jpg", img)
-    assert ok
-    return buf.tobytes()
-
-
-def _png(arr):
-    ok, buf = cv2.imencode(".png", arr)
-    assert ok
-    return buf.tobytes()
-
-
-def _mat(S):
-    bio = io.BytesIO()
-    scipy.io.savemat(bio, {"S": S, "names": np.array(["unlabeled", "person"], dtype=object)})
-    return bio.getvalue()
-
-
-ADE_TRAIN_1 = np.array([[0, 1, 150, 2],
-                        [1, 1, 0, 150],
-                        [75, 76, 149, 0]], np.uint8)
-ADE_TRAIN_1_EXPECTED = np.array([[255, 0, 149, 1],
-                                 [0, 0, 255, 149],
-                                 [74, 75, 148, 255]], np.uint8)
-
-
-def make_ade_zip(path, *, mismatch=False):
-    lab2 = np.zeros((5, 7), np.uint8)  # all "other": prepared label all 255, kept here
-    val = np.full((4, 4), 3, np.uint8)
-    val[0, 0] = 0
-    members = {
-        "ADEChallengeData2016/objectInfo150.txt": b"Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n",
-        "ADEChallengeData2016/sceneCategories.txt": b"ADE_train_00000001 airport_terminal\n",
-        "ADEChallengeData2016/images/training/ADE_train_00000001.jpg": _jpg(3, 4, 1),
-        "ADEChallengeData2016/images/training/ADE_train_00000002.jpg": _jpg(5, 7, 2),
-        "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg": _jpg(6 if mismatch else 4, 4, 3),
-        "ADEChallengeData2016/annotations/training/ADE_train_00000001.png": _png(ADE_TRAIN_1),
-        "ADEChallengeData2016/annotations/training/ADE_train_00000002.png": _png(lab2),
-        "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png": _png(val),
-    }
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for d in ("ADEChallengeData2016/", "ADEChallengeData2016/images/", "ADEChallengeData2016/annotations/"):
-            zf.writestr(d, b"")
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return Path(path)
-
-
-COCO_TRAIN = ["COCO_train2014_000000000077", "COCO_train2014_000000016680"]
-COCO_TEST = ["COCO_train2014_000000000321"]
-# coco ids: 0 unlabeled, 1 person, 2 bicycle, 92 banner (first stuff), 182 wood (last), 12 (not in table)
-COCO_S1 = np.array([[0, 1, 2, 92],
-                    [182, 182, 1, 0],
-                    [12, 92, 0, 2]], np.uint16)
-COCO_S1_EXPECTED = np.array([[255, 0, 1, 80],
-                             [170, 170, 0, 255],
-                             [255, 80, 255, 1]], np.uint8)
-
-
-def make_coco_zip(path, *, mismatch=False):
-    S2 = np.full((4, 5), 92, np.uint8)  # uint8 label maps occur too
-    S3 = np.array([[1, 0], [182, 93], [0, 0]], np.uint16)
-    members = {
-        "cocostuff-10k-v1.1.json": b"{}",
-        "imageLists/train.txt": ("\n".join(COCO_TRAIN) + "\n").encode(),
-        "imageLists/test.txt": ("\n".join(COCO_TEST) + "\n").encode(),
-        "imageLists/all.txt": ("\n".join(COCO_TRAIN + COCO_TEST) + "\n").encode(),
-        f"images/{COCO_TRAIN[0]}.jpg": _jpg(3, 4, 4),
-        f"images/{COCO_TRAIN[1]}.jpg": _jpg(4, 5, 5),
-        f"images/{COCO_TEST[0]}.jpg": _jpg(3, 3 if mismatch else 2, 6),
-        f"annotations/{COCO_TRAIN[0]}.mat": _mat(COCO_S1),
-        f"annotations/{COCO_TRAIN[1]}.mat": _mat(S2),
-        f"annotations/{COCO_TEST[0]}.mat": _mat(S3),
-    }
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return Path(path)
 
 
 def _extract(zip_path, folder):
@@ -240,16 +145,13 @@ def test_missing_label_and_wrong_tree(tmp_path):
 
 # ----------------------------------------------------------------------------- acquisition
 
-def _md5(path):
-    return "md5:" + hashlib.md5(Path(path).read_bytes()).hexdigest()
-
 
 def test_acquire_with_archive_in_place_offline(tmp_path):
     archives = tmp_path / "archives"
     archives.mkdir()
     arc = make_ade_zip(archives / "ADEChallengeData2016.zip")
     raw, out = tmp_path / "raw", tmp_path / "dataset"
-    s = acquire_dataset("ade20k", out, raw, checksum=_md5(arc), archive_dir=str(archives),
+    s = acquire_dataset("ade20k", out, raw, checksum=md5_checksum(arc), archive_dir=str(archives),
                         progress=False, allow_network=False)
     assert s["downloaded"] is False and s["train"] == 2 and s["test"] == 1
     assert s["archive"] == str(arc)

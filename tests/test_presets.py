@@ -7,7 +7,7 @@ import yaml
 from pipeline.ablation import _merge
 from pipeline.config import build_params
 from tools.preset import flags
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("name, dataset, crop, iters, comp, pp", [

@@ -10,7 +10,7 @@ from pipeline.config import build_params
 from pipeline.engine.pretrain import initial_state, pretrain, weak_shot_pretrain_losses
 from pipeline.engine.train import FastPath, build_training, train
 from pipeline.model import build_model
-from tests.test_reliability import run_stage, small_params, tiny_data, write_params  # noqa: F401
+from tests.helpers import run_stage, small_params, write_params
 
 
 def test_pretrain_losses_never_see_a_novel_mask():

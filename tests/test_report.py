@@ -1,4 +1,5 @@
-"""Report tables, figures and report.md / report.html from a fixed small metrics dict."""
+"""Report tables, figures and report.md / report.html from a fixed small metrics dict; class lists
+that stay unambiguous when class names hold commas (ADE20K)."""
 import math
 
 import numpy as np
@@ -135,3 +136,17 @@ def test_figures_written(tmp_path):
     # no temporary files left behind by the atomic writes
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]
     assert not math.isnan(curve["loss"].iloc[0])
+
+
+def test_report_class_lists_stay_unambiguous():
+    from pipeline.report.tables import format_class_list, split_markdown
+    ade = ["wall", "building, edifice", "sky", "road, route"]
+    assert format_class_list(ade) == "wall; building, edifice; sky; road, route"
+    assert format_class_list(["sky", "road", "tree"]) == "sky, road, tree"     # no comma: as before
+    assert format_class_list(["a, b", "c; d"]) == '"a, b", "c; d"'
+    assert format_class_list([]) == "none"
+    per_class = [{"id": i, "name": n, "split": "novel" if i == 1 else "base", "iou": 50.0, "acc": 60.0,
+                  "gt_pixels": 10, "pred_pixels": 10} for i, n in enumerate(ade)]
+    md = split_markdown(per_class)
+    assert "- base (3): wall; sky; road, route" in md
+    assert "- novel (1): building, edifice" in md

@@ -18,8 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
-from tests.test_reliability import mlflow_template, run_stage, small_params, tiny_data, write_params  # noqa: F401
+from tests.helpers import ROOT, run_stage, small_params, write_params
 
 ITERATIONS, KILL_AFTER = 8, 4
 
@@ -68,7 +67,7 @@ def _loss_columns(curve: Path) -> pd.DataFrame:
     return df[[c for c in df.columns if c == "step" or c.startswith("loss")]]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_data, mlflow_template):  # noqa: F811
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_data, mlflow_template):
     from pipeline.config import build_params, flatten, params_hash, to_dict
     raw = small_params(train={"iterations": ITERATIONS, "checkpoint_interval": 2, "log_interval": 1, "threads": 1})
     phash = params_hash(build_params(raw))

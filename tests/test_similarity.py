@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataclasses import replace  # noqa: E402
 
 from pipeline.config import build_params  # noqa: E402
-from tests.conftest import file_params  # noqa: E402
+from tests.helpers import file_params  # noqa: E402
 from pipeline.losses.similarity import (DualSimilarityLoss, SimilarityStats, class_balanced_bce,  # noqa: E402
                                         dist_loss, downsample_labels, novel_score_map,
                                         pixel_pair_distillation, sample_similarity_points, sim_loss,

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, module_dir
-from tests.test_reliability import small_params
+from tests.conftest import module_dir
+from tests.helpers import ROOT, small_params
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PROJECT = ("pipeline", "stages")

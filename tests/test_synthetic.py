@@ -1,4 +1,5 @@
-"""The embedded synthetic dataset: classes, splits, determinism, layout, class coverage."""
+"""The embedded synthetic dataset: classes, splits, determinism, layout, class coverage, and a
+generator crash that keeps the previous dataset."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 
 from pipeline.config import SyntheticConfig
 from pipeline.data import synthetic as S
+from tests.helpers import files_under, leftovers, sha
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +158,26 @@ def test_colour_alone_is_not_enough(small_ds):
     assert 20.0 < b["nearest_colour"]["pAcc"] < 70.0, b["nearest_colour"]
     assert b["majority"]["pAcc"] < b["nearest_colour"]["pAcc"]
     assert 0.10 <= summary["unlabelled_fraction"]["train"] <= 0.30, summary["unlabelled_fraction"]
+
+
+def test_generator_crash_keeps_previous_dataset(tmp_path, monkeypatch):
+    """A real writer (the synthetic generator) failing on its 7th image: the dataset built by
+    an earlier run is untouched, and no temporary folder is left."""
+    from pipeline.config import SyntheticConfig
+    from pipeline.data import synthetic
+    out = tmp_path / "dataset"
+    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32, jitter=1.0)
+    synthetic.generate_dataset(out, cfg, 1, progress=False)
+    before = {f: sha(out / f) for f in files_under(out) if (out / f).is_file()}
+    real = cv2.imwrite
+    calls = {"n": 0}
+
+    def imwrite(path, *a, **k):
+        calls["n"] += 1
+        return False if calls["n"] == 7 else real(path, *a, **k)
+
+    monkeypatch.setattr(synthetic.cv2, "imwrite", imwrite)
+    with pytest.raises(OSError, match=r"could not write .*\.(jpg|png)"):
+        synthetic.generate_dataset(out, cfg, 2, progress=False)
+    assert {f: sha(out / f) for f in files_under(out) if (out / f).is_file()} == before
+    assert leftovers(tmp_path, {"dataset"}) == []

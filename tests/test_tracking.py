@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablation import sync_grid
+from pipeline.tracking import sync_grid
 from pipeline.config import build_params, flatten, params_hash, to_dict
 from pipeline.repo import git_commit, store_root
 from pipeline.tracking import (
@@ -19,9 +19,7 @@ from pipeline.tracking import (
     tracking_uri,
     using_store,
 )
-from tests.conftest import file_params
-
-from tests.test_reliability import tiny_data  # noqa: E402,F401  (session fixture: a tiny prepared dataset)
+from tests.helpers import file_params, small_params, train_argv, write_params
 
 mlflow = pytest.importorskip("mlflow")
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside mlflow's sqlalchemy store
@@ -347,8 +345,6 @@ def mlflow_server(tmp_path):
 
 def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflow_server, tiny_data):
     import numpy as np
-
-    from tests.test_reliability import small_params, train_argv, write_params
     url, srv = mlflow_server
     project = tmp_path / "project"
     project.mkdir()
