@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.ablation import REQUIRED_VARIANTS, cell_key, cell_params, grid_hash, pp_weight_sweep, shares_main_training
-from pipeline.config import ConfigError, build_ablation, build_params, params_hash
+from pipeline.config import ConfigError, build_ablation, build_params
 from tests.helpers import ROOT
 
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
