@@ -126,26 +126,3 @@ def test_yaml_exponent_strings_are_numbers_for_float_keys():
     assert build_params(file_params(raw)).train.lr == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match=r"params key 'train.iterations': expected an integer, got '1e3'"):
         build_params(file_params({"train": {"iterations": "1e3"}}))
-
-
-def test_readme_quotes_params_yaml_values():
-    """Every value the README gives as a default is params.yaml's: the rows of its `| key | default |`
-    tables and its copy of the ablation grid."""
-    import re
-    readme = (ROOT / "README.md").read_text()
-    flat = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    rows, table = [], False
-    for line in readme.splitlines():
-        if line.startswith("| key | default |"):
-            table = True
-        elif not line.startswith("|"):
-            table = False
-        elif table and not line.startswith("|---"):
-            rows.append([c.strip() for c in line.strip("|").split("|")])
-    assert len(rows) >= 20
-    for key, default, *_ in rows:
-        key = key.strip("`")
-        assert key in flat, key
-        assert yaml.safe_load(default) == flat[key], f"README says {key} = {default}, params.yaml {flat[key]!r}"
-    (grid,) = re.findall(r"```yaml\n(ablation:.*?)```", readme, flags=re.S)
-    assert yaml.safe_load(grid)["ablation"] == yaml.safe_load((ROOT / "params.yaml").read_text())["ablation"]

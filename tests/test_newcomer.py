@@ -106,29 +106,6 @@ def test_ci_run_writes_no_global_git_config(tmp_path):
     assert "config --global" not in (ROOT / ".ci" / "run").read_text()
 
 
-def _section(text: str, title: str) -> str:
-    m = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## )", text, re.M | re.S)
-    assert m, f"README has no section '{title}'"
-    return m.group(1)
-
-
-def test_readme_quick_start_activates_the_venv_before_dvc():
-    quick = _section((ROOT / "README.md").read_text(), "Quick start")
-    assert "dvc exp run" in quick
-    assert quick.index("source .venv/bin/activate") < quick.index("dvc exp run")
-
-
-def test_readme_predict_section_and_picture():
-    readme = (ROOT / "README.md").read_text()
-    section = _section(readme, "Predict")
-    assert "python -m tools.predict" in section and "models:/" in section and "runs:/" in section
-    pictures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", section)
-    assert pictures, "the Predict section shows no picture"
-    for pic in pictures:
-        path = ROOT / pic
-        assert path.is_file() and path.suffix == ".png" and path.stat().st_size < 200_000
-
-
 def test_report_class_lists_stay_unambiguous():
     from pipeline.report.tables import format_class_list, split_markdown
     ade = ["wall", "building, edifice", "sky", "road, route"]

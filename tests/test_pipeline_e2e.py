@@ -444,22 +444,6 @@ def test_two_queued_experiments_run_side_by_side(project: Path):
     assert s1 < e2 and s2 < e1                                          # they trained at the same time
 
 
-def test_readme_exp_show_line_fits_a_terminal(project: Path):
-    import re
-    import shlex
-    readme = (ROOT / "README.md").read_text()
-    (line,) = re.findall(r"^(dvc exp show --drop .*?)\s*(?:#.*)?$", readme, re.M)
-    env = {**project_env(), "COLUMNS": "120"}
-    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), *shlex.split(line)[1:], "--no-pager"], cwd=project,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    header = next(ln for ln in lines if "Experiment" in ln)
-    assert "…" not in r.stdout and max(map(len, lines)) <= 120, r.stdout
-    for col in ("mIoU_novel", "loss.pp_weight", "baseline.mIoU_novel.mean", "full.mIoU_novel.mean"):
-        assert col in header, r.stdout
-
-
 def test_bad_params_fail_before_work(tmp_path: Path):
     params = tiny_params()
     params["loss"]["pp_wieght"] = 0.5
