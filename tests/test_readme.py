@@ -216,6 +216,9 @@ def test_readme_is_short_and_leads_with_the_result():
     # one time figure for the whole pipeline, in the Quick start
     quick = _section(text, "Quick start")
     assert len(re.findall(r"\d+ min \d+ s", quick)) == 1, quick
+    # every section after the Quick start points to the page with its details
+    for title in sections[1:]:
+        assert re.search(r"\]\((docs/|reports/README\.md)", _section(text, title)), f"README section '{title}' links nowhere"
 
 
 def test_every_docs_page_is_linked_from_the_readme():
@@ -223,6 +226,41 @@ def test_every_docs_page_is_linked_from_the_readme():
     orphans = [_rel(d) for d in DOCS if d.resolve() not in linked]
     assert not orphans, f"docs pages no README section links to: {orphans}"
     assert REPORTS_README.resolve() in linked
+
+
+def test_pointers_into_the_manual_resolve():
+    """Code, params.yaml and the reports point readers at the manual: `README, *Section*` names a README
+    section, and every `docs/<PAGE>.md` they name exists."""
+    sources = [ROOT / "params.yaml", ROOT / "dvc.yaml", *ROOT.glob("reports/**/*.md")]
+    for folder in ("pipeline", "stages", "tools"):
+        sources += sorted((ROOT / folder).rglob("*.py"))
+    sections = set(re.findall(r"^## (.+)$", _text(README), re.M))
+    seen = 0
+    for src in sources:
+        text = _text(src)
+        for title in re.findall(r"README, \*([^*]+)\*", text):
+            seen += 1
+            assert title in sections, f"{_rel(src)} points to README section '{title}', which does not exist"
+        for page in re.findall(r"\bdocs/[A-Z_]+\.md", text):
+            seen += 1
+            assert (ROOT / page).is_file(), f"{_rel(src)} points to {page}, which does not exist"
+    assert seen >= 4
+
+
+def test_section_references_in_the_manual_resolve():
+    """`docs/PAGE.md`, *Section* (or [page](link), *Section*) names a heading of that page."""
+    seen = 0
+    for page in MANUAL:
+        text = _text(page)
+        refs = re.findall(r"`((?:docs/[A-Z_]+|reports/README|README)\.md)`\)?, \*([^*]+)\*", text)
+        refs += re.findall(r"\]\(((?:docs/[A-Z_]+|reports/README|README)\.md)\), \*([^*]+)\*", text)
+        for target, title in refs:
+            seen += 1
+            base = README.parent if page == README else ROOT
+            headings = re.findall(r"^#+ (.+)$", _text(base / target), re.M)
+            title = " ".join(title.split())
+            assert any(h.startswith(title) for h in headings), f"{_rel(page)}: {target} has no section '{title}'"
+    assert seen >= 8
 
 
 def test_links_in_the_manual_resolve():
