@@ -159,6 +159,8 @@ def _check_command(line: str, where: str) -> None:
     argv, inner = _split(line)
     assert argv, f"{where}: empty command {line!r}"
     if argv[0] == "make":
+        if shutil.which("make") is None:
+            pytest.skip("make is not installed")
         target = argv[1]
         r = subprocess.run(["make", "-n", target], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{where}: `make {target}`: {r.stderr}"
