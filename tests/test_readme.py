@@ -39,8 +39,9 @@ GENERATED = {".venv": "the venv `make` creates (Makefile VENV)",
              "mlartifacts": "the MLflow artifacts the first training creates",
              "data": "DVC outputs (checked against dvc.yaml)"}
 EXAMPLE_INPUTS = {"my_photos", "extra.jpg", "predictions"}     # the user's images and output folder in examples
-# Homes of code that another change is moving (README Layout, docs/ARCHITECTURE.md, "Planned code moves").
-PLANNED = {"pipeline/grid.py", "pipeline/losses/build.py"}
+# Homes of concepts that README Layout and docs/ARCHITECTURE.md ("One home per concept") name.
+HOMES = {"pipeline/grid.py": "def run_cell", "pipeline/cli.py": "def load_params", "pipeline/tracking.py": "def open_tracker",
+         "pipeline/losses/build.py": "def build_criterion", "pipeline/data/dataset.py": "def test_size"}
 # The one params key the manual misspells on purpose: the example of the typo message.
 TYPO_EXAMPLE = "loss.pp_wieght"
 
@@ -146,12 +147,10 @@ def _params_after(flags: list[str]) -> dict:
 
 def _validate(p: dict):
     """What tools.preset checks before a run: the params and every grid cell's params."""
-    from pipeline.ablation import cell_params, parse_ablation
-    from pipeline.config import build_params
+    from pipeline.ablation import check_variants
+    from pipeline.config import build_ablation, build_params
     params = build_params(p)
-    grid = parse_ablation(p.get("ablation"))
-    for variant in grid.variants:
-        cell_params(p, grid, variant, grid.seeds[0])
+    check_variants(p, build_ablation(p.get("ablation")))
     return params
 
 
@@ -373,8 +372,6 @@ def _check_path(path: str, where: str, dvc_paths: set[str]) -> None:
     head = path.split("/")[0]
     if (ROOT / path).exists() or head in EXAMPLE_INPUTS:
         return
-    if path in PLANNED:
-        return
     assert head in GENERATED, f"{where} names `{path}`, which is not in the repository"
     if head == "data":
         assert any(path == p or path.startswith(p + "/") for p in dvc_paths), \
@@ -414,17 +411,16 @@ def test_the_reports_readme_lists_files_that_exist():
             assert (ROOT / "reports" / name).exists(), f"reports/README.md lists `{name}`"
 
 
-def test_planned_code_moves_are_still_planned():
-    """The README and docs/ARCHITECTURE.md name the new homes of code another change is moving.
-    Once a planned file exists, this fails: say in both that the move is done, and empty PLANNED."""
+def test_the_homes_the_docs_name_hold_their_code():
+    """README Layout and docs/ARCHITECTURE.md name where each concept lives; each file exists and
+    holds the function they name it for."""
     for doc in (README, ROOT / "docs" / "ARCHITECTURE.md"):
         text = _text(doc)
-        assert "Planned code moves" in text, _rel(doc)
-        for path in PLANNED:
-            assert f"`{path}`" in text, f"{_rel(doc)} does not name {path}"
-    done = sorted(p for p in PLANNED if (ROOT / p).exists())
-    assert not done, f"{done} exist now: update 'Planned code moves' in README.md and docs/ARCHITECTURE.md " \
-                     "and PLANNED in tests/test_readme.py"
+        for path in HOMES:
+            assert f"`{path}`" in text or path in text, f"{_rel(doc)} does not name {path}"
+    assert "One home per concept" in _text(ROOT / "docs" / "ARCHITECTURE.md")
+    for path, definition in HOMES.items():
+        assert definition in _text(ROOT / path), f"{path} has no `{definition}`"
 
 
 def test_method_table_names_functions_that_exist():

@@ -1,0 +1,98 @@
+"""Measurements of the GPU check (``python -m tools.gpu_check``) that the benchmark does not make:
+the device's measured bf16 matmul rate (the MFU denominator one can trust) and a short training
+of the paper's model at the paper's resolution, projected to the paper's schedules.
+
+Nothing here imports DVC or MLflow: the GPU machine has neither.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Params
+from .device import resolve_device
+
+# The paper's schedules (shared/reference/SIMFORMER.md, Optimisation): iterations at batch 8.
+PAPER_SCHEDULES = {"ade20k": 160_000, "coco_stuff_10k": 60_000}
+PAPER_SETUP = "released SimFormer training: 4 GPUs, one image pair per GPU (batch 8), detectron2, PyTorch 1.8"
+
+
+def nvidia_smi() -> dict:
+    """Name, driver and memory of each GPU as ``nvidia-smi`` reports them ({} without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"error": f"nvidia-smi: {e}"}
+    if out.returncode:
+        return {"error": f"nvidia-smi exited {out.returncode}: {out.stderr.strip()[:200]}"}
+    gpus = [dict(zip(("name", "driver", "memory", "compute_capability"), (x.strip() for x in line.split(","))))
+            for line in out.stdout.strip().splitlines()]
+    return {"gpus": gpus}
+
+
+def matmul_rate(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> dict:
+    """Achieved FLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` (best of ``repeats`` timed
+    calls after two warm-up calls; CUDA events on a GPU, wall time on the CPU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2.0 * n ** 3
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            torch.cuda.synchronize(device)
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            seconds = time.perf_counter() - t0
+        if i >= 2:
+            times.append(seconds)
+    best = min(times)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "best_seconds": best, "flops_per_s": flops / best,
+            "tflops_per_s": flops / best / 1e12, "repeats": repeats}
+
+
+def short_training(p: Params, dataset_dir: Path, split: dict, index: dict, workdir: Path,
+                   log=lambda _m: None) -> dict:
+    """Train ``p`` (the paper's model) for ``p.train.iterations`` steps on ``dataset_dir``; return the
+    curve, whether the loss fell and stayed finite, seconds per iteration (median of the steps after
+    the first tenth, logged at every step) and the hours the paper's schedules would take at that rate."""
+    from .train import train
+    device = resolve_device(p.train.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stamps: list[tuple[int, float]] = []
+
+    def on_log(step: int, rec: dict) -> None:
+        stamps.append((step, time.perf_counter()))
+        if step % max(1, p.train.iterations // 10) == 0:
+            log(f"paper training: step {step}/{p.train.iterations}, loss {rec['loss']:.3f}")
+
+    t0 = time.perf_counter()
+    _, out = train(p, dataset_dir, split, index, workdir / "paper_training.pt", on_log=on_log, progress=False)
+    total = time.perf_counter() - t0
+    losses = [float(r["loss"]) for r in out.history]
+    finite = all(math.isfinite(x) for x in losses)
+    k = max(1, len(losses) // 4)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    skip = max(1, len(stamps) // 10)
+    gaps = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(stamps[skip - 1:], stamps[skip:]) if s2 > s1)
+    sec_per_it = gaps[len(gaps) // 2] if gaps else total / max(1, out.steps)
+    hours = {name: its * sec_per_it / 3600 for name, its in PAPER_SCHEDULES.items()}
+    return {"steps": out.steps, "batch_size": p.train.batch_size, "crop_size": p.data.crop_size,
+            "device": str(device), "seconds_total": total, "seconds_per_iteration": sec_per_it,
+            "images_per_s": p.train.batch_size / sec_per_it if sec_per_it > 0 else None,
+            "loss_first_quarter": first, "loss_last_quarter": last, "loss_fell": finite and last < first,
+            "finite": finite, "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
+                                                 if device.type == "cuda" else None),
+            "hours_for_paper_schedule": hours, "paper_setup": PAPER_SETUP,
+            "curve": [{"step": r["step"], "loss": r["loss"]} for r in out.history]}
