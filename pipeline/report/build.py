@@ -211,21 +211,13 @@ def qualitative_section(r: Inputs) -> Section | None:
         return None
     import torch
 
-    from ..data.catalog import load_class_table
-    from ..data.dataset import read_image, read_label
     from ..engine.evaluate import load_trained
-    from .qualitative import qualitative_figure
+    from .qualitative import render_qualitative
 
     model_path, dataset_dir, index = r.qualitative
     model, _, split = load_trained(model_path, torch.device("cpu"))
-    table = load_class_table(dataset_dir)
-    images = []
-    for e in index["test"][:3]:
-        img = read_image(dataset_dir / e["image"])
-        images.append((Path(e["image"]).stem, img, read_label(dataset_dir / e["label"], img.shape[:2])))
     path, link = _figure(r, "Qualitative results", "qualitative.png")
-    qualitative_figure(model, images, [c["name"] for c in table], [c["color"] for c in table], split["novel"],
-                       path, top_k=3, device=torch.device("cpu"))
+    render_qualitative(model, dataset_dir, index, split, path, device=torch.device("cpu"))
     return Section("Qualitative results", "Image, ground truth, prediction, and the three most confident "
                    "proposals (class, score, binary mask; * = novel class).\n\n" + link, {"Qualitative results": path})
 
