@@ -131,9 +131,9 @@ def confusion_figure(conf, class_names, novel_ids=()) -> Figure:
             if i in novel:
                 t.set_color(NOVEL_COLOR)
                 t.set_fontweight("bold")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("actual class")
-    ax.set_title("confusion matrix, % of each actual class's pixels (novel classes in orange)")
+    ax.set_xlabel("predicted class (novel in orange)")
+    ax.set_ylabel("actual class (novel in orange)")
+    ax.set_title("confusion matrix\n(% of each actual class's pixels)")
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     bar.set_label("% of the actual class's pixels")
     fig.tight_layout()
