@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 # Every top-level package the pipeline, its stages and its tests import (checked after install).
-IMPORTS := torch torchvision dvc mlflow cv2 scipy pandas numpy matplotlib yaml tqdm pytest
+IMPORTS := torch torchvision dvc mlflow cv2 scipy pandas numpy matplotlib yaml tqdm pytest psutil
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -46,9 +46,11 @@ repro: $(VENV)/.installed
 test: $(VENV)/.installed
 	python -m pytest -q tests
 
-# Before the first run there is no store: say so instead of opening an empty UI.
+# Before the first run there is no store: say so instead of opening an empty UI. MLflow 3 opens on
+# a GenAI home page: the URLs printed first lead to the runs table and the models (docs/MLFLOW_UI.md).
 ui: $(VENV)/.installed
 	@test -f mlflow.db || { echo "error: no MLflow store yet ($(abspath mlflow.db) does not exist): run \`make repro\` (or \`dvc exp run\`) first; the first training run creates it." >&2; exit 1; }
+	@python -m tools.mlflow_ui || true
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
 clean-venv:

@@ -30,6 +30,18 @@ from .config import AblationConfig, ConfigError, Params, build_params, params_ha
 REQUIRED_VARIANTS = ("baseline", "+complementary", "+similarity", "full", "oracle")
 
 
+def main_variant(ablation: AblationConfig | None) -> str | None:
+    """The variant that *is* the main params (declared with no overrides: ``full``), or None."""
+    return next((v for v, over in (ablation.variants if ablation else {}).items() if not over), None)
+
+
+def main_run_name(ablation: AblationConfig | None, seed: int) -> str:
+    """The MLflow run name of the main training: ``full-seed6 (main)`` (its grid cell's name, marked
+    as the main model), ``main-seed6`` without a variant that equals the main params."""
+    v = main_variant(ablation)
+    return f"{v}-seed{seed} (main)" if v else f"main-seed{seed}"
+
+
 def cell_key(variant: str, seed: int) -> str:
     """The key of a cell: ``<variant>-<seed>`` (also its output and checkpoint folder names)."""
     return f"{variant}-{seed}"

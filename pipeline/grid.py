@@ -125,7 +125,7 @@ def run_cell(job: CellJob) -> dict:
     from .engine.train import export_model, train
     from .io import atomic_dir, read_json, write_csv, write_eval_outputs, write_json
     from .jobs import CoreShare
-    from .tracking import log_trained_model, metric_key, open_tracker, training_callbacks
+    from .tracking import DatasetRef, log_evaluation, log_trained_model, metric_key, open_tracker, training_callbacks
 
     start = time.perf_counter()
     p, variant, seed, shared = job.params, job.variant, job.seed, job.shared
@@ -138,9 +138,14 @@ def run_cell(job: CellJob) -> dict:
     tracker = open_tracker(p, job.params_text, tags, name, include_finished=evaluation_only) if job.mlflow else None
     reopened = tracker is not None and tracker.status == "FINISHED"
     # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
+    dataset = DatasetRef.of_folder(p.data.dataset, job.dataset_dir) if tracker else None
     with contextlib.ExitStack() as runs, CoreShare(job.threads) as cores:
         if tracker:
             runs.enter_context(tracker)
+            if not reopened:                 # a training (or a new run of a shared cell): its data and machine
+                tracker.log_dataset(dataset)
+                if not shared:
+                    tracker.start_system_metrics()
         if shared:
             device = resolve_device(p.eval.device, "eval.device")
             model, _, _ = load_trained(job.main_model, device)
@@ -165,6 +170,7 @@ def run_cell(job: CellJob) -> dict:
                 tracker = runs.enter_context(open_tracker(p, job.params_text, {**tags, "differs_from_run_id": old},
                                                           name))
                 reopened = False
+                tracker.log_dataset(dataset)
                 print(f"cell {job.key}: the finished MLflow run {old} of these params recorded other metrics; "
                       f"logging to a new run {tracker.run_id}")
                 for rec in history:                  # the curve of the checkpoint's own training
@@ -182,9 +188,10 @@ def run_cell(job: CellJob) -> dict:
                 export_model(model, p, split, tmp / "model.pt", history)
         if tracker:
             tracker.set_tags({"variant": variant, "seed": str(seed)})
-            tracker.log_metrics(metrics)
+            info = None
+            if not shared and not reopened:      # the model first: the metrics below link to it
+                info = log_trained_model(tracker, job.out / "model.pt", input_example(job.dataset_dir, index), cores,
+                                         register=False)
+            log_evaluation(tracker, metrics, dataset, getattr(info, "model_id", None))
             tracker.set_tags({f"eval.{k}": v for k, v in facts.items()})
-            if not shared and not reopened:
-                log_trained_model(tracker, job.out / "model.pt", input_example(job.dataset_dir, index), cores,
-                                  register=False)
     return {k: summary[k] for k in RESULT_KEYS} | {"seconds": time.perf_counter() - start, "shared": shared}

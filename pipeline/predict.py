@@ -25,6 +25,7 @@ written under a temporary name and renamed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -112,10 +113,11 @@ def resolve_model(ref: str, download_dir: str | os.PathLike, tracking_uri: str |
         [dict(run_id=ref, artifact_path=""), dict(artifact_uri=f"runs:/{ref}/model")]
     errors = []
     for i, kwargs in enumerate(attempts):
-        dst = Path(download_dir) / f"mlflow-{i}"
+        dst = Path(download_dir).absolute() / f"mlflow-{i}"
         dst.mkdir(parents=True, exist_ok=True)
         try:
-            got = Path(mlflow.artifacts.download_artifacts(dst_path=str(dst), tracking_uri=uri, **kwargs))
+            with _registry(uri), _store_dir(uri):
+                got = Path(mlflow.artifacts.download_artifacts(dst_path=str(dst), tracking_uri=uri, **kwargs))
         except (MlflowException, OSError) as e:
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
             continue
@@ -124,6 +126,34 @@ def resolve_model(ref: str, download_dir: str | os.PathLike, tracking_uri: str |
         except PredictError as e:
             errors.append(str(e))
     raise PredictError(f"model {ref!r} from the MLflow store {uri}: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def _registry(uri: str):
+    """``models:/`` references are resolved through the model registry, whose URI MLflow takes from
+    the process (``$MLFLOW_REGISTRY_URI``, else the global tracking URI, else ``sqlite:///mlflow.db``
+    in the working directory), not from ``download_artifacts(tracking_uri=...)``: point it at ``uri``
+    for the download, then restore it."""
+    import mlflow
+    before = os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_registry_uri(before)
+        if before is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def _store_dir(uri: str):
+    """The embedded store's folder as the working directory: its artifact locations are relative to
+    the repository root (``mlartifacts/<experiment>``, pipeline.tracking), and MLflow resolves them
+    from the working directory. A server needs nothing."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if folder.is_dir():
+            return contextlib.chdir(folder)
+    return contextlib.nullcontext()
 
 
 def _loads_as_checkpoint(path: Path) -> bool:

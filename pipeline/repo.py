@@ -23,3 +23,23 @@ def store_root(cwd=None) -> Path:
     cwd = Path.cwd() if cwd is None else Path(cwd)
     root = os.environ.get("DVC_ROOT", "").strip() or _git(cwd, "rev-parse", "--show-toplevel") or cwd
     return Path(root).expanduser().resolve()
+
+
+def dvc_out(path, cwd=None) -> dict | None:
+    """The ``dvc.lock`` entry of the output ``path`` (``{"stage", "path", "md5", "size", "nfiles"}``)
+    in the repository the command runs in (``cwd``: DVC runs every stage from the folder of
+    ``dvc.yaml``); None when there is no lock file or no such output in it (a run outside DVC)."""
+    import yaml
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    lock = cwd / "dvc.lock"
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    target = Path(os.path.normpath(os.path.relpath(Path(path).absolute(), cwd.absolute())))
+    for stage, entry in stages.items():
+        for out in (entry or {}).get("outs") or []:
+            if Path(os.path.normpath(str(out.get("path", "")))) == target and out.get("md5"):
+                return {"stage": stage, "path": str(out["path"]), "md5": str(out["md5"]),
+                        "size": out.get("size"), "nfiles": out.get("nfiles")}
+    return None

@@ -1,7 +1,7 @@
 """The trained model as an MLflow pyfunc model: an H x W x 3 uint8 RGB image in, the H x W
 map of class ids out (semantic inference at the image's own size, on the CPU)::
 
-    model = mlflow.pyfunc.load_model("models:/simformer-synthetic-split1/1")
+    model = mlflow.pyfunc.load_model("models:/simformer-synthetic-split1@champion")
     labels = model.predict(image)            # image: np.uint8 H x W x 3 -> np.int64 H x W
 
 The logged model holds the train stage's file unchanged as ``artifacts/model.pt`` (artifact
@@ -43,10 +43,11 @@ class Segmenter(mlflow.pyfunc.PythonModel):
 
 
 def log_segmenter(client, experiment_id: str, run_id: str, model_file: Path, example: np.ndarray,
-                  registered_name: str | None = None) -> str:
+                  registered_name: str | None = None):
     """Log ``model_file`` as a :class:`Segmenter` of run ``run_id`` (signature and input example
     ``example``, an H x W x 3 uint8 image), registered as ``registered_name`` when given.
-    Returns the model URI. Call it with the tracking URI set and from the store root."""
+    Returns MLflow's ``ModelInfo`` (``model_uri``, ``model_id``, ``registered_model_version``).
+    Call it with the tracking URI set and from the store root."""
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -60,4 +61,4 @@ def log_segmenter(client, experiment_id: str, run_id: str, model_file: Path, exa
                      code_paths=[str(Path(__file__).resolve().parent)],
                      pip_requirements=[f"{r}=={metadata.version(r)}" for r in REQUIREMENTS],
                      registered_model_name=registered_name)
-    return info.model_uri
+    return info

@@ -19,6 +19,10 @@ from .repo import git_commit, store_root
 log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
+UI_URL = "http://127.0.0.1:5000"        # where `make ui` serves the embedded store
+# Registry aliases (docs/MLFLOW_UI.md): every registered version gets LATEST; CHAMPION moves to a
+# version whose CHAMPION_METRIC (evaluate stage) beats the current champion's.
+LATEST, CHAMPION, CHAMPION_METRIC = "latest", "champion", "mIoU_novel"
 
 
 class TrackingError(RuntimeError):
@@ -110,17 +114,67 @@ def find_runs(client, exp_id: str, filters: Mapping[str, str]) -> list:
 
 
 def metric_key(name: str) -> str:
-    """``name`` as an MLflow metric / param key (``+complementary`` -> ``plus_complementary``)."""
+    """``name`` as an MLflow metric / param key: the one place a name is respelled for MLflow.
+
+    MLflow metric and param names allow only alphanumerics and ``_ - . space / :``. Runs carry
+    metrics with generic names (``mIoU_novel``) and say which variant they are in the tag
+    ``variant`` (``+complementary``, spelled as in params.yaml, the cell folders, the report and
+    ``reports/ablation.json``). Only the grid's parent run, which holds every variant's mean
+    and std, needs a variant in a metric name: ``+`` becomes ``plus_`` there
+    (``plus_complementary.mIoU_novel.mean``), and the parent's tag ``variant_keys`` lists each
+    respelled variant (``plus_complementary=+complementary``)."""
     return re.sub(r"[^\w.\- /:]", "_", str(name).replace("+", "plus_"))
 
 
-def metric_entities(metrics: Mapping[str, Any], step: int | None = None) -> list:
-    """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped)."""
+def metric_entities(metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None,
+                    dataset: "DatasetRef | None" = None) -> list:
+    """MLflow ``Metric`` entities of the finite numbers in ``metrics`` (None, strings, bools skipped);
+    linked to the logged model ``model_id`` and the dataset ``dataset`` when given (MLflow 3: the
+    model's page lists them, per dataset)."""
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
     ts = get_current_time_millis()
-    return [Metric(metric_key(k), float(v), ts, int(step or 0)) for k, v in metrics.items()
+    link = {"model_id": model_id} if model_id else {}
+    if dataset is not None:
+        link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
+    return [Metric(metric_key(k), float(v), ts, int(step or 0), **link) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+class DatasetRef:
+    """A dataset as MLflow records it (a run input; the dataset column of linked metrics):
+    ``name`` (the ``data.dataset`` param), ``digest`` (DVC's md5 of the folder from ``dvc.lock``,
+    e.g. ``74cc...7df.dir``; outside DVC an md5 of the file listing), ``source`` (the folder)
+    and ``profile`` (what else is known: DVC stage, size, file count, where the digest is from)."""
+
+    def __init__(self, name: str, digest: str, source: str, profile: Mapping[str, Any]):
+        self.name, self.digest, self.source, self.profile = name, digest, source, dict(profile)
+
+    @classmethod
+    def of_folder(cls, name: str, folder, cwd=None) -> "DatasetRef":
+        """``folder`` (as the stage was given it, e.g. ``data/dataset``) with its digest from
+        ``dvc.lock`` (the download stage's output hash), else from its file listing."""
+        import hashlib
+        import json
+
+        from .repo import dvc_out
+        out = dvc_out(folder, cwd)
+        if out is not None:
+            return cls(name, out["md5"], str(folder), {"digest_from": "dvc.lock", "dvc_stage": out["stage"],
+                                                       "size": out["size"], "nfiles": out["nfiles"]})
+        root = Path(folder)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        listing = json.dumps([(p.relative_to(root).as_posix(), p.stat().st_size) for p in files])
+        return cls(name, hashlib.md5(listing.encode()).hexdigest(), str(folder),
+                   {"digest_from": "file names and sizes (no dvc.lock entry)", "nfiles": len(files),
+                    "size": sum(p.stat().st_size for p in files)})
+
+    def entity(self):
+        import json
+
+        from mlflow.entities import Dataset
+        return Dataset(name=self.name, digest=self.digest, source_type="local",
+                       source=json.dumps({"uri": self.source}), schema=None, profile=json.dumps(self.profile))
 
 
 class RunTracker(contextlib.AbstractContextManager):
@@ -130,6 +184,7 @@ class RunTracker(contextlib.AbstractContextManager):
     def __init__(self, root, experiment: str, *, timeout: float = 30.0, strict: bool = False):
         self.root, self.experiment, self.timeout, self.strict = Path(root).resolve(), experiment, timeout, strict
         self.client = self.experiment_id = self.run_id = self.status = None
+        self._monitor = None            # the system metrics sampler (start_system_metrics)
 
     def _experiment(self) -> str:
         """The experiment's id, created (or restored) when needed; in the embedded store with its artifact
@@ -149,6 +204,11 @@ class RunTracker(contextlib.AbstractContextManager):
                     raise
                 return exp.experiment_id
             if location:
+                # Why SQL: MLflow 3.17's API cannot record a relative location (SqlAlchemyStore.
+                # create_experiment passes artifact_location through resolve_uri_if_local, which makes
+                # "mlartifacts/<name>" absolute against the cwd), and an absolute one breaks every
+                # copy or move of the repository. The experiment was created just above, under the
+                # init lock; tests/test_mlflow_registry.py checks this on a freshly created store.
                 with contextlib.closing(sqlite3.connect(str(self.root / DB_NAME), timeout=30)) as conn, conn:
                     conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
                                  (f"{ARTIFACTS_DIR}/{name}", int(eid)))
@@ -206,9 +266,60 @@ class RunTracker(contextlib.AbstractContextManager):
             log.warning("%s (continuing; the DVC outputs remain the record)", msg)
             return False
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log the finite numbers of ``metrics`` (None, strings and bools are skipped)."""
-        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=metric_entities(metrics, step))
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None,
+                    dataset: DatasetRef | None = None) -> None:
+        """Log the finite numbers of ``metrics`` (None, strings and bools are skipped); linked to the
+        logged model ``model_id`` and to ``dataset`` when given."""
+        self._call("log_metrics", self.client.log_batch, self.run_id,
+                   metrics=metric_entities(metrics, step, model_id, dataset))
+
+    def log_dataset(self, dataset: DatasetRef, context: str = "training") -> None:
+        """Record ``dataset`` as an input of the run (the run page's Datasets, with ``context``)."""
+        from mlflow.entities import DatasetInput, InputTag
+        self._call("log_inputs", self.client.log_inputs, self.run_id,
+                   datasets=[DatasetInput(dataset.entity(), [InputTag("mlflow.data.context", context)])])
+
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        """Sample CPU, memory, disk and network (and GPU where MLflow can read it: nvidia-ml-py)
+        every ``interval`` s (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides) into the run's
+        ``system/*`` metrics until :meth:`finish`. Needs psutil; without it a warning, no sampling."""
+        if self._monitor is not None or self.run_id is None:
+            return
+        try:
+            import psutil  # noqa: F401  (MLflow's CPU and memory monitor)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            for name in ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=True,
+                                                 tracking_uri=tracking_uri(self.root))
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - the training goes on without system metrics
+            self._monitor = None
+            log.warning("MLflow run %s: no system metrics (%s: %s)", self.run_id, type(e).__name__, e)
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("MLflow run %s: stopping the system metrics failed: %s", self.run_id, e)
+
+    def logged_model_id(self) -> str | None:
+        """The id of the newest model logged by this run (MLflow 3 LoggedModel), None without one."""
+        try:
+            found = self.client.search_logged_models([self.experiment_id],
+                                                     filter_string=f"source_run_id = '{self.run_id}'",
+                                                     order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+                                                     max_results=1)
+            return found[0].model_id if found else None
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow run %s: looking up its logged model failed: %s", self.run_id, e)
+            return None
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact of the run (previewed on the run's Artifacts tab)."""
+        self._call(f"log_figure({artifact_file})", self.client.log_figure, self.run_id, fig, artifact_file)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -219,19 +330,43 @@ class RunTracker(contextlib.AbstractContextManager):
         self._call(f"log_artifact({path})", self.client.log_artifact, self.run_id, str(Path(path).resolve()),
                    artifact_path)
 
-    def log_model(self, model_file, example, registered_name: str | None = None) -> None:
+    def log_model(self, model_file, example, registered_name: str | None = None):
         """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
-        as ``registered_name`` when given."""
+        as ``registered_name`` when given; that version gets the alias :data:`LATEST`. Returns
+        MLflow's ``ModelInfo`` (None when logging failed and was warned about)."""
         from .serving import log_segmenter
-        self._call("log_model", log_segmenter, self.client, self.experiment_id, self.run_id, Path(model_file).resolve(),
-                   example, registered_name, fluent=True)
+        got = []
+        ok = self._call("log_model", lambda *a: got.append(log_segmenter(*a)), self.client, self.experiment_id,
+                        self.run_id, Path(model_file).resolve(), example, registered_name, fluent=True)
+        info = got[0] if ok and got else None
+        version = getattr(info, "registered_model_version", None) if info is not None else None
+        if registered_name and version is not None:
+            self._call(f"set alias {LATEST}", self.client.set_registered_model_alias, registered_name, LATEST,
+                       str(version))
+        return info
+
+    def promote(self, registered_name: str, value: float | None, metric: str = CHAMPION_METRIC) -> dict:
+        """After evaluation: the registered versions of this run get ``metric`` as a version tag, and
+        the alias :data:`CHAMPION` moves to this run's newest version when ``value`` beats the
+        current champion's (or there is none). Returns ``{"version", "champion", "previous"}``."""
+        out = {"version": None, "champion": False, "previous": None}
+        if self.strict:
+            out.update(promote_version(self.client, registered_name, self.run_id, value, metric))
+            return out
+        try:
+            out.update(promote_version(self.client, registered_name, self.run_id, value, metric))
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow store %s: setting the %s alias of %s failed for run %s: %s (continuing; the DVC "
+                        "outputs remain the record)", _store_name(self.root), CHAMPION, registered_name, self.run_id, e)
+        return out
 
     def runs_url(self) -> str:
         """The UI page of this run's experiment's runs table (``make ui`` serves the embedded store)."""
-        return f"{(_server() or 'http://127.0.0.1:5000').rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+        return runs_url(self.experiment_id)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run as FINISHED, FAILED or KILLED; idempotent, and a no-op on a reopened run."""
+        self._stop_system_metrics()
         if self.status == "RUNNING" and self._call(f"finish({status})", self.client.set_terminated,
                                                    self.run_id, status):
             self.status = status
@@ -244,6 +379,82 @@ class RunTracker(contextlib.AbstractContextManager):
             if exc_type is None:
                 raise
             log.exception("could not mark MLflow run %s %s", self.run_id, status)
+
+
+# ----------------------------------------------------------------------------- the UI and the registry
+
+def ui_base() -> str:
+    """The MLflow UI's address: the tracking server when ``$MLFLOW_TRACKING_URI`` is one, else
+    where ``make ui`` serves the embedded store."""
+    server = _server()
+    return (server if server.startswith(("http://", "https://")) else UI_URL).rstrip("/")
+
+
+def runs_url(experiment_id) -> str:
+    """The experiment's runs table. MLflow 3 opens on a GenAI home page and an experiment on its
+    traces; ``workflowType=machine_learning`` selects the model-training view with the runs table."""
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def models_url(experiment_id) -> str:
+    """The experiment's Models tab: every logged model with the metrics linked to it."""
+    return f"{ui_base()}/#/experiments/{experiment_id}/models?workflowType=machine_learning"
+
+
+def registry_url(name: str) -> str:
+    """The registered model's page (versions and their aliases ``latest`` / ``champion``)."""
+    from urllib.parse import quote
+    return f"{ui_base()}/#/models/{quote(name)}"
+
+
+def ui_links(root, experiment: str) -> dict | None:
+    """``{"experiment_id", "runs", "models", "registry", "champion", "latest"}`` of ``experiment``
+    in the store of ``root`` (champion / latest: the versions holding those aliases, or None);
+    None when the store has no such experiment."""
+    from mlflow.exceptions import MlflowException
+    client = open_client(root)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    out = {"experiment_id": exp.experiment_id, "runs": runs_url(exp.experiment_id),
+           "models": models_url(exp.experiment_id), "registry": registry_url(experiment)}
+    for alias in (CHAMPION, LATEST):
+        try:
+            out[alias] = client.get_model_version_by_alias(experiment, alias).version
+        except MlflowException:
+            out[alias] = None
+    return out
+
+
+def promote_version(client, name: str, run_id: str, value: float | None, metric: str = CHAMPION_METRIC) -> dict:
+    """See :meth:`RunTracker.promote`. The champion's value is its version tag ``metric`` (set
+    here), else its run's metric. A missing or non-finite ``value`` never becomes champion."""
+    from mlflow.exceptions import MlflowException
+    mine = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")]
+    if not mine:
+        return {"version": None, "champion": False, "previous": None}
+    newest = max(mine, key=lambda v: int(v.version))
+    finite = value is not None and math.isfinite(float(value))
+    if finite:
+        for v in mine:
+            client.set_model_version_tag(name, v.version, metric, f"{float(value):.6g}")
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    previous = champ.version if champ is not None else None
+    if champ is not None and champ.run_id == run_id:
+        return {"version": newest.version, "champion": True, "previous": previous}
+    best = None
+    if champ is not None:
+        raw = champ.tags.get(metric)
+        if raw is None:
+            raw = client.get_run(champ.run_id).data.metrics.get(metric_key(metric))
+        best = None if raw is None else float(raw)
+    wins = finite and (best is None or not math.isfinite(best) or float(value) > best)
+    if wins:
+        client.set_registered_model_alias(name, CHAMPION, newest.version)
+    return {"version": newest.version, "champion": wins, "previous": previous}
 
 
 # ----------------------------------------------------------------------------- what the stages log
@@ -270,20 +481,34 @@ def training_callbacks(tracker: RunTracker | None, cores):
     return on_log
 
 
-def log_trained_model(tracker: RunTracker | None, model_path, example_image, cores, register: bool) -> None:
+def log_trained_model(tracker: RunTracker | None, model_path, example_image, cores, register: bool):
     """The trained model as an MLflow model of the run (``example_image``: its input example),
-    registered under the experiment's name when ``register``; and the torch threads the training
-    used (tag ``torch_threads``)."""
+    registered under the experiment's name when ``register`` (alias ``latest``); and the torch
+    threads the training used (tag ``torch_threads``). Returns MLflow's ``ModelInfo`` or None."""
     if tracker is None:
-        return
+        return None
     tracker.set_tags({"torch_threads": ",".join(map(str, cores.used)) or "default"})
-    tracker.log_model(model_path, example_image, tracker.experiment if register else None)
+    return tracker.log_model(model_path, example_image, tracker.experiment if register else None)
+
+
+def log_evaluation(tracker: RunTracker, metrics: Mapping[str, Any], dataset: DatasetRef | None,
+                   model_id: str | None = None) -> None:
+    """The evaluation's summary metrics on the run, linked to the run's logged model (``model_id``,
+    else the newest one the run logged) and to the dataset they were measured on: the Models tab
+    and the model's page show them."""
+    tracker.log_metrics(metrics, model_id=model_id or tracker.logged_model_id(), dataset=dataset)
 
 
 def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any],
               cells: list[dict], grid_metrics: Mapping[str, float], params_yaml_text: str,
               artifacts: Iterable = ()) -> dict:
     """The grid's parent run (found again by ``grid_id``) and one child per cell.
+
+    One grid, one DVC experiment: the parent and every child carry the tags ``grid_id`` and
+    ``dvc_exp_name``, so ``tags.grid_id = '<id>'`` in the runs table, grouped by ``variant``,
+    shows exactly this grid's cells (one run per cell: its own or a link), never the cells of
+    another ``dvc exp run`` made in the same workspace. ``grid_metrics`` are the means of
+    exactly ``cells``.
 
     ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat``,
     ``params_text`` (the cell's effective params) and ``metrics``. A cell's own run (found by
@@ -297,10 +522,15 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
     from mlflow.entities import Param
 
     parent = RunTracker(root, experiment, strict=True)
+    exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    respelled = {metric_key(v): v for v in dict.fromkeys(c["variant"] for c in cells) if metric_key(v) != v}
     with parent:
         parent.start(f"grid-{grid_id}", run_name("ablation-grid"), grid_params, params_yaml_text,
                      tags={"role": "ablation_grid", "grid_id": grid_id,
-                           "mlflow.note.content": f"Ablation grid {grid_id}: {len(cells)} cells"},
+                           "mlflow.note.content": f"Ablation grid {grid_id}: {len(cells)} cells. Its cells: "
+                                                  f"filter the runs with tags.grid_id = '{grid_id}'.",
+                           **({"variant_keys": ", ".join(f"{k}={v}" for k, v in respelled.items())}
+                              if respelled else {})},
                      include_finished=True)
         client, exp_id = parent.client, parent.experiment_id
         children = {}
@@ -325,6 +555,7 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
                         "this run only links to it.")
                 link = client.create_run(exp_id, run_name=run_name(name) + " (cached)",
                                          tags={**tags, "role": "cell_link", "linked_run_id": own.info.run_id,
+                                               "dvc_exp_name": exp_name,
                                                "cell_params_hash": cell["params_hash"], "mlflow.note.content": note})
                 client.log_batch(link.info.run_id, metrics=metric_entities(cell["metrics"]),
                                  params=[Param(k, str(v)) for k, v in cell["params_flat"].items()])

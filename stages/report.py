@@ -1,6 +1,6 @@
-"""DVC stage `report`: reports/report.md and a self-contained reports/report.html (run facts,
-metrics, split, per-class IoU, training curves, the ablation grid with its warnings, a
-qualitative figure), reports/ablation.md, reports/ablation.json (per variant mean, std and n:
+"""DVC stage `report`: reports/report.md and a self-contained reports/report.html (the answer in
+three lines first, then the evidence: metrics, split, per-class IoU, training curves, the
+ablation grid with its warnings, a qualitative figure; the run facts and training times last), reports/ablation.md, reports/ablation.json (per variant mean, std and n:
 DVC metrics), the figures as PNG files, and the grid's MLflow parent run (per-variant means
 and stds as metrics, the report as artifacts) with one child run per cell."""
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import repo, tracking
-    from pipeline.ablation import cell_runs, grid_hash, pp_weight_sweep
+    from pipeline.ablation import cell_runs, grid_hash, main_run_name, pp_weight_sweep
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
@@ -57,7 +57,8 @@ def main() -> None:
         report_dir=args.out.parent, figures_dir=args.figures, smoothing=p.report.smoothing, retrain=retrain, grid=grid,
         run={"commit": repo.git_commit(Path.cwd()), "experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "iterations": p.train.iterations,
-             "seed": p.base.seed, "changed": changed_params(args.params, raw)},
+             "seed": p.base.seed, "changed": changed_params(args.params, raw),
+             "main_run": main_run_name(g, p.base.seed)},
         qualitative=(args.model, args.dataset_dir, read_json(args.split_dir / "index.json")) if have_model else None,
         baselines=read_json(args.baselines) if args.baselines and args.baselines.is_file() else None,
         pp_weights=pp_weights)

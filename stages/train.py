@@ -19,7 +19,7 @@ import sys
 import contextlib
 from pathlib import Path
 
-from pipeline.cli import add_init, add_inputs, load_params, parser, run
+from pipeline.cli import add_init, add_inputs, load_params_raw, parser, run
 from pipeline.io import read_json
 
 
@@ -30,9 +30,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV to write")
-    ap.add_argument("--run-name", default=None, help="MLflow run name (default: train, @ the DVC experiment's name)")
+    ap.add_argument("--run-name", default=None,
+                    help="MLflow run name (default: '<variant>-seed<seed> (main)', e.g. 'full-seed6 (main)': the "
+                         "grid cell this training is; '@<DVC experiment>' is appended under `dvc exp run`)")
     args = ap.parse_args()
-    p, params_text = load_params(args.params)
+    p, params_text, _, grid = load_params_raw(args.params)
     split = read_json(args.split_dir / "split.json")
     index = read_json(args.split_dir / "index.json")
 
@@ -46,13 +48,18 @@ def main() -> None:
     from pipeline.engine.train import export_model, train
     from pipeline.io import write_csv
     from pipeline.jobs import CoreShare
-    from pipeline.tracking import log_trained_model, open_tracker, training_callbacks
+    from pipeline.ablation import main_run_name
+    from pipeline.engine.train import curve_table
+    from pipeline.tracking import DatasetRef, log_trained_model, open_tracker, training_callbacks
 
     dist = D.init_distributed(p.train.dist_backend, p.train.device) if D.under_torchrun() else D.DistInfo()
     try:
         # rank 0 alone logs and writes files; the other ranks only train
-        tracker = None if args.no_mlflow or not dist.is_main else open_tracker(p, params_text, {"stage": "train"},
-                                                                               args.run_name or "train")
+        tracker = None if args.no_mlflow or not dist.is_main else open_tracker(
+            p, params_text, {"stage": "train"}, args.run_name or main_run_name(grid, p.base.seed))
+        if tracker:
+            tracker.log_dataset(DatasetRef.of_folder(p.data.dataset, args.dataset_dir))
+            tracker.start_system_metrics()
         # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
         with tracker or contextlib.nullcontext(), CoreShare(p.train.threads) as cores:
             model, out = train(p, args.dataset_dir, split, index, args.checkpoint,
@@ -62,7 +69,7 @@ def main() -> None:
                                                             p.loss.oracle))
             if dist.is_main:
                 export_model(model, p, split, args.model, out.history)
-                write_csv(args.curve, out.history)
+                write_csv(args.curve, curve_table(out.history))
             if tracker:
                 log_trained_model(tracker, args.model, input_example(args.dataset_dir, index), cores, register=True)
     finally:
@@ -73,7 +80,7 @@ def main() -> None:
               + (f" on {dist.world_size} processes" if dist.distributed else "")
               + f"; final loss {last.get('loss', float('nan')):.4f}; model -> {args.model}")
         if tracker:
-            print(f"MLflow run {tracker.run_id}: {tracker.runs_url()}")
+            print(f"MLflow run {tracker.run_id} ({tracker.experiment}): {tracker.runs_url()}")
 
 
 def params_help(argv: list[str] | None = None) -> str:

@@ -64,7 +64,7 @@ def _inputs(tmp_path, dataset="synthetic", **kw):
 
 def test_report_sections_and_single_title(tmp_path):
     parts = write_report(_inputs(tmp_path), tmp_path / "report.md", tmp_path / "report.html")
-    assert [s.heading for s in parts] == ["Run", "Metrics", "Split", "Per-class IoU", "Training curve"]
+    assert [s.heading for s in parts] == ["Answer", "Metrics", "Split", "Per-class IoU", "Training curve", "Run"]
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# SimFormer test\n") and md.count("# SimFormer test") == 1
     assert "- commit: `0123abc`; DVC experiment: `bushy-pugs`" in md

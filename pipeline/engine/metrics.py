@@ -195,3 +195,18 @@ def _json_value(v):
 def metrics_to_json(m: dict) -> dict:
     """Copy of ``m`` with NaN/inf replaced by ``None`` and numpy scalars made plain (strict JSON)."""
     return _json_value(m)
+
+
+CONFUSION_COLUMNS = ("actual", "predicted", "count", "actual_id", "predicted_id")
+
+
+def confusion_pairs(conf, class_names: Iterable[str] | None = None) -> list[dict]:
+    """The K x K confusion matrix (rows ground truth) as one row per (actual, predicted) pair that
+    occurs: class names, the pixel ``count`` and both ids (``reports/confusion.csv``, drawn by
+    ``dvc plots`` as a heatmap). Pairs that never occur are left out: at most K x K rows."""
+    conf = _to_numpy(conf).astype(np.int64)
+    names = list(class_names) if class_names is not None else []
+    name = (lambda i: str(names[i]) if i < len(names) else str(i))
+    rows, cols = np.nonzero(conf)
+    return [{"actual": name(int(a)), "predicted": name(int(b)), "count": int(conf[a, b]), "actual_id": int(a),
+             "predicted_id": int(b)} for a, b in zip(rows, cols)]

@@ -95,6 +95,9 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
                unit="it", dynamic_ncols=True)
     state.model.train()
     state.criterion.train()
+    # ``seconds`` in the curve is the run's training time: a resumed run goes on from the
+    # checkpoint's last record (the time lost between that record and a kill is not counted)
+    elapsed = float(state.history[-1].get("seconds") or 0.0) if state.history else 0.0
     t0, window = time.perf_counter(), _LossWindow(dist.world_size)
     for batch in loader:
         try:
@@ -106,7 +109,7 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         if state.step % t.log_interval == 0 or state.step == t.iterations:
             means, images_per_s = window.flush()                    # the CPU-GPU sync point
             rec = {"step": state.step, **means, "lr": state.optimizer.param_groups[0]["lr"],
-                   "images_per_s": images_per_s, "seconds": time.perf_counter() - t0}
+                   "images_per_s": images_per_s, "seconds": elapsed + time.perf_counter() - t0}
             if diagnostics is not None:          # per-log-interval diagnostics join the record
                 rec.update(_diagnose(diagnostics, state, batch, device))
             state.history.append(rec)
@@ -461,6 +464,15 @@ def _backbone_state(p: Params):
         return None
     from ..model.weights import load_backbone_state_dict
     return load_backbone_state_dict(p.model.pretrained, p.model.backbone)
+
+
+def curve_table(history: list[dict]) -> list[dict]:
+    """The training curve as the train stage writes it (``reports/train_curve.csv``): ``step``, every
+    loss term of the criterion (blank when the params turn it off, so that the DVC plot of the
+    terms finds each column in every revision), then the record's other columns."""
+    from ..losses.criterion import TERMS
+    head = ["step", *TERMS, "loss"]
+    return [{**{k: rec.get(k) for k in head}, **rec} for rec in history]
 
 
 def export_model(model: torch.nn.Module, p: Params, split: dict, path: str | Path,

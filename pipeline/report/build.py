@@ -79,6 +79,51 @@ def _figure(r: Inputs, caption: str, name: str) -> tuple[Path, str]:
     return path, f"![{caption}]({os.path.relpath(path, r.report_dir)})\n"
 
 
+KEY_DIFFERENCE = ("full", "+complementary")        # the paper's claim: the similarity losses add to CompLoss
+
+
+def answer_section(r: Inputs) -> Section:
+    """Three lines: the main model against its target, the grid's variants ordered by novel
+    mIoU, and the key paired difference (full − +complementary, novel mIoU) with its interval."""
+    m, run = r.metrics, r.run
+    name = run.get("main_run") or f"seed {run.get('seed', '?')}"
+    line1 = (f"- **Main model** ({name}, {run.get('iterations', '?')} iterations): novel mIoU "
+             f"{ev._f(m.get('mIoU_novel'))}, mIoU {ev._f(m.get('mIoU'))}, pAcc {ev._f(m.get('pAcc'))}")
+    nc = (r.baselines or {}).get("nearest_colour") or {}
+    if m.get("mIoU") is not None and m.get("pAcc") is not None and nc.get("mIoU") is not None:
+        target = ev.CONVERGED_MIOU_RATIO * nc["mIoU"]
+        met = m["pAcc"] >= ev.CONVERGED_PACC and m["mIoU"] >= target
+        line1 += (f": {'meets' if met else '**misses**'} its target (pAcc ≥ {ev.CONVERGED_PACC:.0f} and mIoU ≥ "
+                  f"{ev._f(target)}, {ev.CONVERGED_MIOU_RATIO:g}× the nearest-colour baseline's).")
+    else:
+        line1 += ": no target to compare with (the baselines stage's output is missing)."
+    g = r.grid
+    if g is None:
+        line2 = "- **Grid**: none in this run (params.yaml has no `ablation` group)."
+        line3 = f"- **{KEY_DIFFERENCE[0]} − {KEY_DIFFERENCE[1]}**: no grid, no paired difference."
+    else:
+        t = g.table.set_index("variant")["mIoU_novel_mean"].dropna().sort_values(ascending=False)
+        line2 = (f"- **Grid by novel mIoU** (mean over seeds {', '.join(map(str, g.seeds))}): "
+                 + " > ".join(f"{v} {ev._f(x)}" for v, x in t.items()) + ".")
+        a, b = KEY_DIFFERENCE
+        pair = ev.paired_table(g.cell_rows(), comparisons=(KEY_DIFFERENCE,), metrics=(("mIoU_novel", "novel mIoU"),))
+        if pair.empty:
+            line3 = f"- **{a} − {b}**, novel mIoU: not measured (the grid lacks one of the two variants)."
+        else:
+            d = pair.iloc[0]
+            if d["n"] < 2:
+                verdict = "one seed: no interval"
+                ci = ""
+            else:
+                verdict = ("resolved: a > b" if d["ci_low"] > 0 else "resolved: a < b" if d["ci_high"] < 0
+                           else "not resolved (the interval spans 0)")
+                ci = f" (95% CI [{ev._f(d['ci_low'])}, {ev._f(d['ci_high'])}])"
+            line3 = (f"- **{a} − {b}**, novel mIoU paired over {int(d['n'])} seeds: "
+                     f"{ev._f(d['mean']):s}{ci}; {verdict}.").replace(": -", ": −")
+    return Section("Answer", "\n".join([line1, line2, line3]) + "\n\nThe evidence follows; how the run was made is "
+                   "under *Run* at the end.\n")
+
+
 def run_section(r: Inputs) -> Section:
     run, grid = r.run, r.grid
     lines = [f"- dataset: `{r.dataset}`, split {r.split}",
@@ -96,7 +141,15 @@ def run_section(r: Inputs) -> Section:
     else:
         lines.append("- params changed from the committed params.yaml: "
                      + "; ".join(f"`{k}` {new!r} (committed {old!r})" for k, (new, old) in changed.items()))
-    return Section("Run", "\n".join(lines) + "\n\n" + REPRODUCIBILITY + "\n")
+    text = "\n".join(lines) + "\n\n" + REPRODUCIBILITY + "\n"
+    if grid is not None:
+        text += ("\nHow long each run trained (a cell reused from the main training shows the main model's time; "
+                 "`seconds` of the curve's last row, which a resumed run continues):\n\n"
+                 + ev.training_time_markdown(grid.cell_rows(), r.curve))
+    elif r.curve is not None and not r.curve.empty and "seconds" in r.curve:
+        text += (f"\nThe main model trained {int(r.curve['step'].iloc[-1])} steps in "
+                 f"{float(r.curve['seconds'].iloc[-1]):.0f} s.\n")
+    return Section("Run", text)
 
 
 def metrics_section(r: Inputs) -> Section:
@@ -172,10 +225,7 @@ def paired_section(r: Inputs) -> Section | None:
     g = r.grid
     if g is None:
         return None
-    cells = g.cell_rows()
-    return Section("Paired differences", ev.paired_markdown(ev.paired_table(cells)) + "\nHow long each run "
-                   "trained (a cell reused from the main training shows the main model's time):\n\n"
-                   + ev.training_time_markdown(cells, r.curve))
+    return Section("Paired differences", ev.paired_markdown(ev.paired_table(g.cell_rows())))
 
 
 def sweep_section(r: Inputs) -> Section | None:
@@ -211,29 +261,21 @@ def qualitative_section(r: Inputs) -> Section | None:
         return None
     import torch
 
-    from ..data.catalog import load_class_table
-    from ..data.dataset import read_image, read_label
     from ..engine.evaluate import load_trained
-    from .qualitative import qualitative_figure
+    from .qualitative import render_qualitative
 
     model_path, dataset_dir, index = r.qualitative
     model, _, split = load_trained(model_path, torch.device("cpu"))
-    table = load_class_table(dataset_dir)
-    images = []
-    for e in index["test"][:3]:
-        img = read_image(dataset_dir / e["image"])
-        images.append((Path(e["image"]).stem, img, read_label(dataset_dir / e["label"], img.shape[:2])))
     path, link = _figure(r, "Qualitative results", "qualitative.png")
-    qualitative_figure(model, images, [c["name"] for c in table], [c["color"] for c in table], split["novel"],
-                       path, top_k=3, device=torch.device("cpu"))
+    render_qualitative(model, dataset_dir, index, split, path, device=torch.device("cpu"))
     return Section("Qualitative results", "Image, ground truth, prediction, and the three most confident "
                    "proposals (class, score, binary mask; * = novel class).\n\n" + link, {"Qualitative results": path})
 
 
 def sections(r: Inputs) -> list[Section]:
-    found = [run_section(r), metrics_section(r), baselines_section(r), split_section(r), per_class_section(r),
+    found = [answer_section(r), metrics_section(r), baselines_section(r), split_section(r), per_class_section(r),
              training_section(r), reference_section(r), retrain_section(r), ablation_section(r), paired_section(r),
-             sweep_section(r), diagnostics_section(r), qualitative_section(r)]
+             sweep_section(r), diagnostics_section(r), qualitative_section(r), run_section(r)]
     return [s for s in found if s is not None]
 
 

@@ -18,10 +18,12 @@ NOVEL_COLOR = "#DD8452"
 
 
 def loss_terms(df: pd.DataFrame) -> list[str]:
-    """The per-term loss columns of a training curve (``loss_<term>``, numeric). Not the total,
-    and not what the curve also logs beside the losses (``lr``, ``seconds``, the diagnostics
-    ``grad_*``, ``auc_*``, ``novel_pairs``): on one axis those would dwarf the losses."""
-    return [c for c in df.columns if str(c).startswith("loss_") and pd.api.types.is_numeric_dtype(df[c])]
+    """The per-term loss columns of a training curve (``loss_<term>``, numeric, with a value). Not
+    the total, and not what the curve also logs beside the losses (``lr``, ``seconds``, the
+    diagnostics ``grad_*``, ``auc_*``, ``novel_pairs``): on one axis those would dwarf the losses.
+    A term the params turned off is a blank column of the curve and is left out."""
+    return [c for c in df.columns if str(c).startswith("loss_") and pd.api.types.is_numeric_dtype(df[c])
+            and df[c].notna().any()]
 
 
 def _new_figure(w: float, h: float) -> Figure:
@@ -81,8 +83,8 @@ def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
     loss = pd.to_numeric(df["loss"], errors="coerce")
     ax_total.plot(x, loss, color="0.3", alpha=0.25, linewidth=0.8, label="raw")
     label = smoothing_label(x, smoothing)
-    ax_total.plot(x, _smooth(loss, smoothing), color="C0", linewidth=1.6, label=label)
-    ax_total.set_title("total loss")
+    ax_total.plot(x, _smooth(loss, smoothing), color="C0", linewidth=1.6, label="smoothed")
+    ax_total.set_title("total loss (weighted sum)")
     ax_total.set_xlabel("step")
     ax_total.set_ylabel("loss")
     ax_total.grid(alpha=0.3)
@@ -96,11 +98,51 @@ def plot_training_curve(curve_csv_or_df, out_png, smoothing: int = 10) -> Path:
         ax_terms.legend(fontsize=8, ncol=2)
     else:
         ax_terms.text(0.5, 0.5, "no per-term losses logged", ha="center", va="center", transform=ax_terms.transAxes)
-    ax_terms.set_title("loss terms (unweighted), " + label, fontsize=9)
+    ax_terms.set_title("loss terms (unweighted, smoothed)")
     ax_terms.set_xlabel("step")
+    ax_terms.set_ylabel("unweighted loss")
     ax_terms.grid(alpha=0.3)
+    fig.suptitle("smoothed: " + label, fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def confusion_figure(conf, class_names, novel_ids=()) -> Figure:
+    """The K x K confusion matrix (rows: actual class) as a heatmap, each row normalised to the
+    percent of that class's labelled pixels (the diagonal is the class's recall); novel classes'
+    tick labels in bold orange; the colour bar is the legend."""
+    conf = np.asarray(conf, dtype=np.float64)
+    k = conf.shape[0]
+    rows = conf.sum(axis=1, keepdims=True)
+    pct = np.divide(100.0 * conf, rows, out=np.zeros_like(conf), where=rows > 0)
+    side = min(24.0, max(5.0, 0.22 * k + 2.5))
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.subplots()
+    im = ax.imshow(pct, cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+    names = [str(n) for n in class_names][:k] + [str(i) for i in range(len(class_names), k)]
+    novel = {int(i) for i in novel_ids}
+    fs = 5 if k > 60 else 7 if k > 30 else 8
+    ax.set_xticks(range(k))
+    ax.set_xticklabels(names, rotation=90, fontsize=fs)
+    ax.set_yticks(range(k))
+    ax.set_yticklabels(names, fontsize=fs)
+    for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for i, t in enumerate(ticks):
+            if i in novel:
+                t.set_color(NOVEL_COLOR)
+                t.set_fontweight("bold")
+    ax.set_xlabel("predicted class (novel in orange)")
+    ax.set_ylabel("actual class (novel in orange)")
+    ax.set_title("confusion matrix\n(% of each actual class's pixels)")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label("% of the actual class's pixels")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(conf, class_names, out_png, novel_ids=()) -> Path:
+    """:func:`confusion_figure` written to ``out_png``."""
+    return _save(confusion_figure(conf, class_names, novel_ids), out_png)
 
 
 def plot_per_class_iou(per_class_df, out_png) -> Path:
@@ -129,6 +171,7 @@ def plot_per_class_iou(per_class_df, out_png) -> Path:
     ax.invert_yaxis()
     ax.set_xlim(0, _axis_max(iou))
     ax.set_xlabel("IoU (%)")
+    ax.set_ylabel("class (novel in orange)")
     ax.grid(axis="x", alpha=0.3)
     from matplotlib.patches import Patch
 

@@ -71,6 +71,28 @@ def _class_label(c: int, class_names: Sequence[str], novel: set[int]) -> str:
     return f"{name}*" if c in novel else name
 
 
+def first_test_images(dataset_dir, index: dict, n: int = 3) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, image, ground truth)`` of the first ``n`` test images (the report's and the MLflow
+    run's qualitative figure show the same ones)."""
+    from ..data.dataset import read_image, read_label
+    dataset_dir = Path(dataset_dir)
+    out = []
+    for e in index["test"][:n]:
+        img = read_image(dataset_dir / e["image"])
+        out.append((Path(e["image"]).stem, img, read_label(dataset_dir / e["label"], img.shape[:2])))
+    return out
+
+
+def render_qualitative(model: torch.nn.Module, dataset_dir, index: dict, split: dict, out_png,
+                       device="cpu") -> Path:
+    """The qualitative figure of the first three test images with the prepared dataset's class
+    names and colours (``classes.json``)."""
+    from ..data.catalog import load_class_table
+    table = load_class_table(dataset_dir)
+    return qualitative_figure(model, first_test_images(dataset_dir, index), [c["name"] for c in table],
+                              [c["color"] for c in table], split["novel"], out_png, top_k=3, device=device)
+
+
 def qualitative_figure(model: torch.nn.Module, images: list[tuple[str, np.ndarray, np.ndarray]],
                        class_names: Sequence[str], colors, novel_ids: Iterable[int], out_png,
                        top_k: int = 3, device="cpu") -> Path:
