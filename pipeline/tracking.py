@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
 UI_URL = "http://127.0.0.1:5000"        # where `make ui` serves the embedded store
-# Registry aliases (docs/MLFLOW_UI.md): every registered version gets LATEST; CHAMPION moves to a
-# version whose CHAMPION_METRIC (evaluate stage) beats the current champion's.
+# The registry: CHAMPION (an alias) moves to a version whose CHAMPION_METRIC (evaluate stage) beats the
+# current champion's. The newest version needs no alias: MLflow reserves the alias name 'latest' (a
+# tracking server refuses it) and resolves `models:/<name>/latest` itself (LATEST).
 LATEST, CHAMPION, CHAMPION_METRIC = "latest", "champion", "mIoU_novel"
 
 
@@ -332,18 +333,13 @@ class RunTracker(contextlib.AbstractContextManager):
 
     def log_model(self, model_file, example, registered_name: str | None = None):
         """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
-        as ``registered_name`` when given; that version gets the alias :data:`LATEST`. Returns
+        as ``registered_name`` when given (``models:/<name>/latest`` is then this version). Returns
         MLflow's ``ModelInfo`` (None when logging failed and was warned about)."""
         from .serving import log_segmenter
         got = []
         ok = self._call("log_model", lambda *a: got.append(log_segmenter(*a)), self.client, self.experiment_id,
                         self.run_id, Path(model_file).resolve(), example, registered_name, fluent=True)
-        info = got[0] if ok and got else None
-        version = getattr(info, "registered_model_version", None) if info is not None else None
-        if registered_name and version is not None:
-            self._call(f"set alias {LATEST}", self.client.set_registered_model_alias, registered_name, LATEST,
-                       str(version))
-        return info
+        return got[0] if ok and got else None
 
     def promote(self, registered_name: str, value: float | None, metric: str = CHAMPION_METRIC) -> dict:
         """After evaluation: the registered versions of this run get ``metric`` as a version tag, and
@@ -418,11 +414,12 @@ def ui_links(root, experiment: str) -> dict | None:
         return None
     out = {"experiment_id": exp.experiment_id, "runs": runs_url(exp.experiment_id),
            "models": models_url(exp.experiment_id), "registry": registry_url(experiment)}
-    for alias in (CHAMPION, LATEST):
-        try:
-            out[alias] = client.get_model_version_by_alias(experiment, alias).version
-        except MlflowException:
-            out[alias] = None
+    try:
+        out[CHAMPION] = client.get_model_version_by_alias(experiment, CHAMPION).version
+    except MlflowException:
+        out[CHAMPION] = None
+    versions = [int(v.version) for v in client.search_model_versions(f"name = '{experiment}'")]
+    out[LATEST] = str(max(versions)) if versions else None
     return out
 
 

@@ -1,5 +1,5 @@
-"""Helpers of the MLflow / predict / resume tests added with the MLflow-as-users-expect issue: a tiny
-params mapping, a tiny prepared dataset built by the functions the download and prepare stages
+"""Helpers of the MLflow, predict and resume tests: a tiny params mapping, a tiny prepared dataset
+built by the functions the download and prepare stages
 call, and a stage run in-process (the exit status of ``python -m stages.<name>``)."""
 from __future__ import annotations
 

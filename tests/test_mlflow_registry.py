@@ -6,7 +6,7 @@ checked the way a user looks at them.
   digest is ``data/dataset``'s DVC hash from dvc.lock; system metrics are recorded;
 * the evaluation metrics are linked to the logged model (the Models tab) and the dataset;
 * the confusion-matrix and qualitative figures are artifacts of the training run;
-* every registered version gets the alias ``latest``; ``champion`` moves only to a better novel
+* ``models:/<name>/latest`` is the newest version (MLflow reserves the alias 'latest'); ``champion`` moves only to a better novel
   mIoU; ``tools.predict --model models:/<name>@champion`` works;
 * ``python -m tools.mlflow_ui`` (run by ``make ui``) prints the runs table's URL;
 * the relative artifact location of a freshly created store; one grid, one DVC experiment.
@@ -32,6 +32,7 @@ from pipeline.tracking import (
     promote_version,
     sync_grid,
     tracking_uri,
+    ui_links,
 )
 from tests.conftest import ROOT
 from tests.support_tiny import make_tiny_data, run_stage, tiny_params, write_params
@@ -151,7 +152,8 @@ def test_aliases_latest_and_champion(trained):
     c, exp, runs = _main_runs(project)
     versions = {str(v.version): v for v in c.search_model_versions(f"name = '{EXP}'")}
     assert sorted(versions, key=int) == ["1", "2"]
-    assert str(c.get_model_version_by_alias(EXP, LATEST).version) == "2"
+    assert ui_links(project, EXP)[LATEST] == "2"
+    assert not any(LATEST in v.aliases for v in versions.values())       # reserved by MLflow: never set
     novel = [o["metrics"]["mIoU_novel"] for o in outs]
     expected = "2" if novel[1] > novel[0] else "1"
     assert str(c.get_model_version_by_alias(EXP, CHAMPION).version) == expected

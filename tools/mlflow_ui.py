@@ -4,7 +4,7 @@ serves the store on http://127.0.0.1:5000).
 MLflow 3 opens on a GenAI home page; the training runs are in the experiment's runs table,
 which this prints with ``workflowType=machine_learning`` (the model-training view). Also
 printed: the experiment's Models tab (logged models with their evaluation metrics), the
-registered model's page with the versions holding the aliases ``champion`` and ``latest``,
+registered model's page with the version holding the alias ``champion`` and the newest (``models:/<name>/latest``),
 and how to load the champion. Where each thing is: docs/MLFLOW_UI.md.
 
 Examples:
