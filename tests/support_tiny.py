@@ -3,13 +3,11 @@ built by the functions the download and prepare stages
 call, and a stage run in-process (the exit status of ``python -m stages.<name>``)."""
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, run_stage, write_params  # noqa: F401  (re-exported)
 
 TINY = {
     "base": {"seed": 3},
@@ -39,11 +37,6 @@ def tiny_params(**groups) -> dict:
     return p
 
 
-def write_params(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
 def make_tiny_data(root: Path) -> Path:
     """``root/dataset`` and ``root/split`` (the download and prepare stages' outputs)."""
     from pipeline.config import build_params
@@ -54,18 +47,3 @@ def make_tiny_data(root: Path) -> Path:
     split, index = build_split(root / "dataset", "synthetic", 1, progress=False)
     write_split(root / "split", split, index)
     return root
-
-
-def run_stage(name: str, *argv) -> int:
-    """``python -m stages.<name> argv...`` in this process: its exit status (0 when main returns)."""
-    from pipeline.cli import run
-    mod = importlib.import_module(f"stages.{name}")
-    old = sys.argv
-    sys.argv = [f"stages/{name}.py", *map(str, argv)]
-    try:
-        run(mod.main)
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
