@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablation import sync_grid
+from pipeline.tracking import sync_grid
 from pipeline.config import build_params, flatten, params_hash, to_dict
 from pipeline.repo import git_commit, store_root
 from pipeline.tracking import (
@@ -363,7 +363,7 @@ def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflo
     c = mlflow.MlflowClient(url)
     exp = c.get_experiment_by_name(EXP)
     (run,) = c.search_runs([exp.experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == "train"
+    assert run.info.status == "FINISHED" and run.info.run_name == "full-seed3 (main)"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert run.data.params["train.iterations"] == "4"
     assert (srv / "artifacts").is_dir() and list((srv / "artifacts").rglob("model.pt"))   # the server stores them
