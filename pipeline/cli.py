@@ -64,10 +64,23 @@ def read_params_file(path: Path) -> tuple[dict, str]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"params file '{path}' is not valid YAML: {e}") from e
+        raise ConfigError(f"params file '{path}' is not valid YAML: {_yaml_problem(e)}") from e
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"params file '{path}': expected a mapping of params groups at the top level")
     return raw or {}, text
+
+
+def _yaml_problem(e) -> str:
+    """``line L, column C: <problem> (<context> at line L', column C')`` of a YAML error: where in
+    the params file, without the parser's ``in "<unicode string>"``."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return str(e).replace(' in "<unicode string>"', "")
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx:
+        text += f" ({ctx}" + (f" at line {cmark.line + 1}, column {cmark.column + 1})" if cmark else ")")
+    return text
 
 
 def load_params(path: Path) -> tuple[Params, str]:

@@ -1,14 +1,16 @@
 """Run a trained model on any images: label maps, colour overlays with a legend, class shares.
 
 The model is the train stage's checkpoint (``data/train/model.pt``: weights, params, split),
-given as a file or as an MLflow reference (``runs:/<run_id>/<path>``, a bare run id or
-``models:/<name>/<version>``) that :func:`resolve_model` downloads and searches for a file
+given as a file or as an MLflow reference (``runs:/<run_id>/<path>``, a bare run id,
+``models:/<name>/<version>`` or ``models:/<name>@<alias>``, e.g. ``@champion``) that :func:`resolve_model` downloads and searches for a file
 that loads as such a checkpoint (any depth, so a raw ``model.pt`` artifact and an MLflow
 model folder holding it both work).
 
 Inference is the evaluation's semantic inference (:func:`pipeline.model.semantic_inference`):
 each image is resized like the test images of the model's params (``data.test_short_edge`` /
-``data.test_max_edge``, or the values given), padded with zeros to a multiple of 32 and run
+``data.test_max_edge``, or the values given; when the params set no cap, the long edge is capped
+at the training scale ``data.crop_size x data.scale_max``, :func:`training_max_edge`: an
+8000 x 6000 photo at full size took 12.6 GB and 259 s, reports/predict_memory.json), padded with zeros to a multiple of 32 and run
 through the model; the class scores are resampled bilinearly to the original image size
 (in strips of rows, so a large photo never holds a K x H x W map at once) and each pixel
 takes the class with the highest score, or 255 where that score is below ``min_score``
@@ -96,7 +98,7 @@ def find_checkpoint(folder: str | os.PathLike) -> Path:
 
 def resolve_model(ref: str, download_dir: str | os.PathLike, tracking_uri: str | None = None) -> Path:
     """A checkpoint file from ``ref``: a file path, a folder holding one, or an MLflow reference
-    (``runs:/<run_id>/<path>``, ``<run_id>``, ``models:/<name>/<version>``) downloaded into
+    (``runs:/<run_id>/<path>``, ``<run_id>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``) downloaded into
     ``download_dir`` from ``tracking_uri`` (default :func:`default_tracking_uri`)."""
     path = Path(ref)
     if path.is_file():
@@ -105,7 +107,8 @@ def resolve_model(ref: str, download_dir: str | os.PathLike, tracking_uri: str |
         return find_checkpoint(path)
     if not is_mlflow_reference(ref):
         raise PredictError(f"model {ref!r}: no such file or folder, and not an MLflow reference "
-                           "(runs:/<run_id>/<path>, a 32-hex-digit run id, or models:/<name>/<version>)")
+                           "(runs:/<run_id>/<path>, a 32-hex-digit run id, models:/<name>/<version> or "
+                           "models:/<name>@<alias>)")
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     uri = tracking_uri or default_tracking_uri()
@@ -174,6 +177,7 @@ class Predictor:
     max_edge: int = 0
     source: str = ""
     novel: list[int] = field(default_factory=list)
+    max_edge_from: str = ""         # where max_edge comes from (said by tools.predict)
 
     @property
     def num_classes(self) -> int:
@@ -217,10 +221,20 @@ def class_table_for(num_classes: int, dataset: str, names: Sequence[str] | None,
     return names, palette(num_classes)
 
 
+def training_max_edge(p) -> int:
+    """The longest image edge a model of params ``p`` saw in training: its crops come from images
+    whose short edge was resized to at most ``data.crop_size x data.scale_max``. Predict caps the
+    long edge there by default (:func:`load_predictor`): objects appear at the scale the model
+    learned, and memory and time stay bounded whatever the photo's size."""
+    return max(SIZE_DIVISOR, round(p.data.crop_size * p.data.scale_max))
+
+
 def load_predictor(path: str | os.PathLike, device: torch.device, *, classes_json=None,
                    short_edge: int | None = None, max_edge: int | None = None) -> Predictor:
-    """Rebuild the model of a train-stage checkpoint on ``device``; test-time resizing defaults to
-    the checkpoint's ``data.test_short_edge`` / ``data.test_max_edge``."""
+    """Rebuild the model of a train-stage checkpoint on ``device``. Test-time resizing defaults to
+    the checkpoint's ``data.test_short_edge`` / ``data.test_max_edge``; when the params set no cap
+    (``test_max_edge: 0``) the long edge is capped at :func:`training_max_edge`. ``max_edge=0``
+    runs at full size (memory grows with the pixels: reports/predict_memory.json)."""
     from .config import build_params
     from .engine.checkpoint import load_checkpoint
     from .model import build_model
@@ -236,11 +250,18 @@ def load_predictor(path: str | os.PathLike, device: torch.device, *, classes_jso
     names, colors = class_table_for(k, str(split.get("dataset", p.data.dataset)), split.get("class_names"),
                                     classes_json)
     se = p.data.test_short_edge if short_edge is None else int(short_edge)
-    me = p.data.test_max_edge if max_edge is None else int(max_edge)
+    if max_edge is not None:
+        me, where = int(max_edge), "--max-edge"
+    elif p.data.test_max_edge:
+        me, where = p.data.test_max_edge, "the model's data.test_max_edge"
+    else:
+        me = training_max_edge(p)
+        where = (f"the model's training scale (data.crop_size {p.data.crop_size} x data.scale_max "
+                 f"{p.data.scale_max:g}; its data.test_max_edge is 0)")
     if se < 0 or me < 0:
         raise PredictError("short and max edge must be >= 0 (0 keeps the image size)")
     return Predictor(model.to(device).eval(), device, names, colors, se, me, str(path),
-                     [int(c) for c in split.get("novel", [])])
+                     [int(c) for c in split.get("novel", [])], where)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -297,7 +318,7 @@ def read_image(path: Path) -> np.ndarray:
     if img is None:
         raise ValueError(f"cannot read {path}: not an image file OpenCV can decode "
                          f"({'empty file' if not data.size else 'unknown or corrupt format'})")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)       # in place: one copy of a big photo
 
 
 # ----------------------------------------------------------------------------- inference
@@ -378,10 +399,6 @@ def overlay_with_legend(image: np.ndarray, label: np.ndarray, class_names: Seque
     and its ``id name share%``. Returns the canvas and the legend entries."""
     h, w = label.shape
     colors = np.asarray(colors, np.uint8).reshape(-1, 3)
-    over = image.astype(np.float32).copy()
-    known = (label != IGNORE) & (label < len(colors))
-    over[known] = (1 - alpha) * over[known] + alpha * colors[label[known]].astype(np.float32)
-    over = np.clip(np.rint(over), 0, 255).astype(np.uint8)
 
     shares = class_shares(label, class_names)
     scale = max(1.0, min(h, w) / 400.0)
@@ -396,7 +413,13 @@ def overlay_with_legend(image: np.ndarray, label: np.ndarray, class_names: Seque
     panel_w = pad * 3 + sw + max(widths)
     panel_h = pad * 2 + row * len(texts)
     canvas = np.full((max(h, panel_h), w + panel_w, 3), 255, np.uint8)
-    canvas[:h, :w] = over
+    rows = max(1, _STRIP_VALUES // max(1, 3 * w))          # blended in strips: no float copy of a big photo
+    for r0 in range(0, h, rows):
+        over = image[r0:r0 + rows].astype(np.float32)
+        lab = label[r0:r0 + rows]
+        known = (lab != IGNORE) & (lab < len(colors))
+        over[known] = (1 - alpha) * over[known] + alpha * colors[lab[known]].astype(np.float32)
+        canvas[r0:r0 + rows, :w] = np.clip(np.rint(over), 0, 255).astype(np.uint8)
     entries: list[LegendEntry] = []
     for i, (r, t) in enumerate(zip(shares.itertuples(index=False), texts)):
         y0 = pad + i * row + (row - sw) // 2

@@ -177,7 +177,7 @@ def test_mlflow_runs_parent_and_children(project: Path):
     assert not [r for r, t in tags.items() if "resume_count" in t]                  # nothing was interrupted
     # evaluate, the shared cell and the report reopened the training run: it still ends when training did
     assert info[main_run][2] < info[parent][1]
-    assert {info[r][3] for r in tags} == {"train", "retrain", "ablation-grid", "baseline-seed3", "baseline-seed4",
+    assert {info[r][3] for r in tags} == {"full-seed3 (main)", "retrain", "ablation-grid", "baseline-seed3", "baseline-seed4",
                                           "full-seed4"}
     assert params["loss.pp_weight"] == "0.3" and params["train.iterations"] == "4"
     assert len(tags[main_run]["git_commit"]) == 40 and len(tags[main_run]["params_hash"]) == 16

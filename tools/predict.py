@@ -15,13 +15,26 @@ MODEL is one of
   runs:/<run_id>/model         an MLflow artifact of a run
   <run_id>                     an MLflow run (32 hex digits): its logged model is searched
   models:/<name>/<version>     a registered MLflow model
+  models:/<name>@champion      the registered version holding an alias: champion (best novel mIoU
+                               of its dataset and split so far) or latest (docs/MLFLOW_UI.md)
 MLflow references are read from --tracking-uri, else $MLFLOW_TRACKING_URI, else this
 repository's store (sqlite:///<repo>/mlflow.db, the one the stages write).
 
 Images are resized as the model's evaluation resizes test images (data.test_short_edge /
 data.test_max_edge of its params; --short-edge / --max-edge override, 0 = as is), batched by
 padded size (a batch gives the same labels as one image at a time) and the class scores are
-resampled to the original size. Class colours come from --classes (a prepared dataset's
+resampled to the original size (the outputs are at the image's own size).
+
+Memory: the long edge is capped by default. When the model's params set no cap
+(data.test_max_edge: 0, as the default params do) the cap is the training scale,
+data.crop_size x data.scale_max (160 px for the default params): the model never saw larger
+images, and the cost stays bounded. Uncapped (--max-edge 0), memory and time grow with the
+pixels: an 8000 x 6000 JPEG took 12.6 GB peak RSS and 259 s with the default model, capped
+about 1 GB (python -m tools.predict_benchmark; reports/predict_memory.json). Capping was
+chosen over tiling because a tile at full resolution still shows objects at a scale the model
+never trained on, and tiling's time still grows with the pixels.
+
+Class colours come from --classes (a prepared dataset's
 classes.json), else the dataset's shipped table, else a generated palette.
 
 A file that cannot be read as an image is named in one line on stderr; the other images are
@@ -42,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
     ap.add_argument("--model", required=True, metavar="MODEL",
-                    help="checkpoint file or folder, runs:/<run_id>/<path>, <run_id> or models:/<name>/<version>")
+                    help="checkpoint file or folder, runs:/<run_id>/<path>, <run_id>, models:/<name>/<version> or "
+                         "models:/<name>@champion")
     ap.add_argument("--out", required=True, type=Path, help="output folder (created; files in it are replaced)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="auto = CUDA when available, else CPU (default: auto)")
@@ -51,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resize the short edge to this before inference (default: the model's data.test_short_edge; "
                          "0 = keep)")
     ap.add_argument("--max-edge", type=int, default=None,
-                    help="cap the long edge (default: the model's data.test_max_edge; 0 = no cap)")
+                    help="cap the long edge before inference (default: the model's data.test_max_edge, or when "
+                         "that is 0 its training scale data.crop_size x data.scale_max; 0 = no cap: memory and "
+                         "time grow with the pixels, see Memory above)")
     ap.add_argument("--min-score", type=float, default=0.0,
                     help="pixels whose best class score (sum over queries of class probability x mask "
                          "probability) is below this get 255 (default: 0, every pixel gets a class)")
@@ -84,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for _, message in problems:
         print(f"error: {message}", file=sys.stderr)
+    if predictor.max_edge == 0:
+        print("warning: --max-edge 0: images run at full size; memory and time grow with the pixels (an 8000 x "
+              "6000 photo took 12.6 GB and 259 s with the default model)", file=sys.stderr)
+    elif not args.no_progress or args.max_edge is None:
+        print(f"long edge capped at {predictor.max_edge} px ({predictor.max_edge_from}); --max-edge overrides",
+              file=sys.stderr)
 
     def on_error(path: Path, message: str) -> None:
         tqdm.write(f"error: {message}", file=sys.stderr)
