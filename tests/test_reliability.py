@@ -259,7 +259,7 @@ def test_generator_crash_keeps_previous_dataset(tmp_path, monkeypatch):
     from pipeline.config import SyntheticConfig
     from pipeline.data import synthetic
     out = tmp_path / "dataset"
-    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32, jitter=1.0)
+    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32, jitter=1.0, cooccur=0.0)
     synthetic.generate_dataset(out, cfg, 1, progress=False)
     before = {f: sha(out / f) for f in files_under(out) if (out / f).is_file()}
     real = cv2.imwrite
