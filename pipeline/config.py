@@ -455,6 +455,18 @@ def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "mode
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def novel_mask_use(p: Params) -> str | None:
+    """What of a run's training reads the novel classes' masks - ``"fully supervised oracle"``
+    (``loss.oracle``) or ``"oracle teacher"`` (``loss.pp_teacher: oracle`` with DistLoss on) - or None
+    for a weak-shot run. Such a run is a diagnostic or a bound, never a weak-shot result: MLflow
+    tags it and the report says so wherever it appears."""
+    if p.loss.oracle:
+        return "fully supervised oracle"
+    if p.loss.pp_teacher == "oracle" and p.loss.pp_weight > 0:
+        return "oracle teacher"
+    return None
+
+
 def _describe_spec(f: dataclasses.Field, tp) -> str:
     m = f.metadata
     if m.get("choices") is not None:
