@@ -200,6 +200,11 @@ class HeldoutPairs:
         self.pairs = pr = sample_heldout_pairs(labels, inside, split["base"], split["novel"], seed, pairs)
         # the pixels that take part, per image, and their row in the gathered features / scores
         n = len(pr["img_a"])
+        if n == 0:
+            self.row_a = self.row_b = np.empty(0, np.int64)
+            self.wanted, self.num_pixels = {}, 0
+            self._reset()
+            return
         ends = np.concatenate([np.stack([pr["img_a"], pr["pix_a"]], 1), np.stack([pr["img_b"], pr["pix_b"]], 1)])
         uniq, row = np.unique(ends, axis=0, return_inverse=True)
         row = row.reshape(-1)
@@ -295,6 +300,8 @@ class HeldoutPairs:
         :meth:`forward` of ``model``). ``simnet`` None: its AUCs are NaN, as is any AUC whose
         positives or negatives are missing (no unlabelled pixel in the test split, say). SimNet runs
         in eval mode (its mode is restored afterwards)."""
+        if self.num_pixels == 0:        # no pair at all (a tiny test split): every AUC undefined
+            return {**{k: float("nan") for k in METRIC_KEYS}, **{f"heldout_pairs_{k}": 0.0 for k in KINDS}}
         if not self._complete():
             if model is None:
                 raise ValueError("HeldoutPairs.score: no model outputs gathered and no model given")
