@@ -137,7 +137,7 @@ def test_verdict_section_from_the_grid(grid_cells):
     assert "| full_oracle_teacher − pp0 |" in md and "**uses novel masks**" in md and "`resolved_up`" in md
     assert "(97.5%)" in md                                         # Bonferroni over 2 comparisons
     assert "**No difference that matters:**" in md
-    assert "the headroom exists, the transfer does not deliver it" in md
+    assert "the headroom exists, the transfer does not (yet) deliver it" in md
     assert "pairs** for 80% power" in md
     assert "2 up, 1 down, 0 tied" in md and "| cow | +5.0 | 3 |" in md
     assert "full_oracle_teacher (uses novel masks: oracle teacher)" in md     # held-out AUC table

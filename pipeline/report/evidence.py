@@ -371,7 +371,7 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
             "model with SimLoss; only DistLoss, the transfer of SimNet's similarity to the novel masks, differs). "
             f"Intervals: two-sided t, Bonferroni-corrected for the {k} comparison{'s' if k > 1 else ''} of this "
             f"section. Verdicts: `resolved_up` / `resolved_down` when the interval excludes 0, `equivalent` when it "
-            f"lies inside ±{EQUIVALENCE_MARGIN:g} points, `unresolved` otherwise.", "", *lines, "",
+            f"lies inside ±{EQUIVALENCE_MARGIN:g} points, `unresolved` otherwise.", "", *lines,
             _ANSWER[end["verdict"]].format(m=EQUIVALENCE_MARGIN)
             + (f" (by {_f(end['mean'])} points, within the ±{EQUIVALENCE_MARGIN:g}-point margin)"
                if end["verdict"].startswith("resolved") and end["within_margin"] else "") + "."]
@@ -385,8 +385,8 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
     if len(results) > 1:
         head = results[1]
         if head["verdict"] == "resolved_up" and end["verdict"] != "resolved_up":
-            text.append("Headroom: a perfect teacher does raise novel mIoU on this data, SimNet's teacher does not "
-                        "(yet): the headroom exists, the transfer does not deliver it.")
+            text.append("Headroom: a perfect teacher does raise novel mIoU on this data, SimNet's teacher has not been "
+                        "shown to: the headroom exists, the transfer does not (yet) deliver it.")
         elif head["verdict"] == "resolved_up":
             text.append("Headroom: a perfect teacher raises novel mIoU too; compare the two means for how much of the "
                         "headroom SimNet's teacher delivers.")
@@ -396,6 +396,7 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
     else:
         text.append(f"Headroom: no `{HEADROOM[0]}` cells in the grid (add it to `ablation.run` to measure what a "
                     "perfect teacher would give).")
+    text = text[:-3] + [x for t in text[-3:] for x in ("", t)]     # answer, sample size, headroom: paragraphs
     pcd = per_class_diffs(cells, *ENDPOINT)
     st = sign_test(pcd["diff"])
     text += ["", f"Per novel class (IoU of `{ENDPOINT[0]}` − `{ENDPOINT[1]}`, mean over seeds): {st['up']} up, "
