@@ -379,8 +379,9 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         different pixel pairs; image b's score map then receives no gradient.
 
     The loss is :func:`pixel_pair_distillation` averaged over the pairs of each eligible image
-    pair, then over the image pairs (an image pair whose pairs all lack an oracle teacher adds 0). Gradients reach ``pred_logits`` / ``pred_masks`` only, never SimNet or
-    ``mask_features`` (through this path). No eligible pair: 0 and no SimNet call.
+    pair, then over the image pairs (an image pair whose pairs all lack an oracle teacher adds
+    0). Gradients reach ``pred_logits`` / ``pred_masks`` only, never SimNet or ``mask_features``
+    (through this path). No eligible pair: 0 and no SimNet call.
 
     ``normalizer`` (multi-process training): the sum over this rank's eligible image pairs is
     divided by ``normalizer(#eligible pairs)`` (their number over the ranks / world_size).
