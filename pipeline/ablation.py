@@ -24,7 +24,7 @@ import json
 from dataclasses import replace
 from typing import Any, Mapping
 
-from .config import AblationConfig, ConfigError, Params, build_params, params_hash
+from .config import AblationConfig, ConfigError, Params, build_params, novel_mask_use, params_hash
 
 # the variants of the paper's ablation, declared in params.yaml (ablation.run picks those trained)
 REQUIRED_VARIANTS = ("baseline", "+complementary", "+similarity", "full", "oracle")
@@ -91,6 +91,17 @@ def pp_weight_sweep(main_raw: Mapping[str, Any], ablation: AblationConfig) -> di
         cell = cell_params(main_raw, ablation, v, seed)
         if replace(cell, loss=replace(cell.loss, pp_weight=full.loss.pp_weight)) == full:
             out[v] = cell.loss.pp_weight
+    return out
+
+
+def novel_mask_variants(main_raw: Mapping[str, Any], ablation: AblationConfig) -> dict[str, str]:
+    """The trained variants whose training reads novel masks, with what does
+    (:func:`pipeline.config.novel_mask_use`: ``oracle teacher``, ``fully supervised oracle``)."""
+    out = {}
+    for v in ablation.run:
+        use = novel_mask_use(cell_params(main_raw, ablation, v, ablation.seeds[0]))
+        if use:
+            out[v] = use
     return out
 
 

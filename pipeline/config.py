@@ -25,6 +25,9 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DEVICES = ("auto", "cpu", "cuda")
 PP_FORMS = ("cce", "ce")
 PP_PAIRINGS = ("cross_image", "within_image")
+# DistLoss's teacher (pipeline.losses.similarity.DIST_TEACHERS): SimNet (the paper) or the oracle headroom
+# control (the true same-class relation of the sampled pixel pairs, novel masks included: a diagnostic)
+PP_TEACHERS = ("simnet", "oracle")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 FREEZE = ("none", "backbone", "encoder")
 TRANSFORMER_IN = ("res5", "pixel_embedding")
@@ -59,6 +62,10 @@ class SyntheticConfig:
     image_size: int = _spec(lo=32, hi=1024, help="side of the square generated images")
     jitter: float = _spec(lo=0.0, hi=1.0, help="nuisance variation (colour, brightness, texture period / angle, "
                                                "illumination, noise); 1 = the hardest")
+    cooccur: float = _spec(lo=0.0, hi=1.0, help="share of scene images: classes of a fixed scene group co-occur (two "
+                                                "novel classes of every split per group) beside unlabelled clutter, "
+                                                "with wide, clutter-like colours; 0 = independent classes (the "
+                                                "default data, bit-identical)")
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,10 @@ class LossConfig:
     pp_points: int = _spec(lo=2, help="pixels sampled per image for DistLoss")
     pp_start: int = _spec(lo=0, help="training step from which DistLoss is on: a warm-up while SimNet learns "
                                      "from base pairs (paper 0)")
+    pp_teacher: str = _spec(choices=PP_TEACHERS,
+                            help="DistLoss teacher: simnet (the paper) or oracle (a headroom control that uses novel "
+                                 "masks: the true same-class relation of the sampled pixel pairs; pairs with an "
+                                 "ignore pixel left out). DistLoss off is pp_weight: 0")
     pp_pairing: str = _spec(choices=PP_PAIRINGS,
                             help="cross_image: student pairs across the image pair; within_image: within one image "
                                  "(the released code)")
@@ -442,6 +453,18 @@ def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "mode
         d["train"] = {k: v for k, v in d["train"].items() if k not in LAUNCH_KEYS}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def novel_mask_use(p: Params) -> str | None:
+    """What of a run's training reads the novel classes' masks - ``"fully supervised oracle"``
+    (``loss.oracle``) or ``"oracle teacher"`` (``loss.pp_teacher: oracle`` with DistLoss on) - or None
+    for a weak-shot run. Such a run is a diagnostic or a bound, never a weak-shot result: MLflow
+    tags it and the report says so wherever it appears."""
+    if p.loss.oracle:
+        return "fully supervised oracle"
+    if p.loss.pp_teacher == "oracle" and p.loss.pp_weight > 0:
+        return "oracle teacher"
+    return None
 
 
 def _describe_spec(f: dataclasses.Field, tp) -> str:

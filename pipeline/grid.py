@@ -4,8 +4,12 @@
 
 A cell whose params equal the main training's reuses that model (never trains twice); others
 train with a resumable checkpoint (a finished one is only evaluated again). Each cell is
-evaluated like the main model and written to its own folder: cell.json, metrics.json,
-per_class_iou.csv, curve.csv and, when it trained, model.pt.
+evaluated like the main model, scored on the held-out test pixel pairs
+(:func:`pipeline.engine.heldout.heldout_similarity`: cell.json ``heldout``, MLflow metrics
+``heldout_auc_*``) and written to its own folder: cell.json, metrics.json, per_class_iou.csv,
+curve.csv and, when it trained, model.pt (with its SimNet). A cell whose training reads novel
+masks (the oracle teacher, the fully supervised oracle) is tagged ``diagnostic: uses novel masks
+(...)`` in MLflow and cell.json.
 
 Cells train ``workers`` at a time, each in its own spawned process with a fixed number of torch
 threads (:func:`pipeline.jobs.run_parallel`), so a cell's result never depends on which cells run
@@ -120,18 +124,20 @@ def run_cell(job: CellJob) -> dict:
     from .engine.device import resolve_device
     from .engine.diagnostics import diagnostics_hook
     from .engine.evaluate import evaluate_model, load_trained
+    from .engine.heldout import HELDOUT_SEED, HeldoutPairs, load_simnet
     from .engine.metrics import SUMMARY_KEYS
     from .engine.pretrain import load_init
     from .engine.train import export_model, train
     from .io import atomic_dir, read_json, write_csv, write_eval_outputs, write_json
     from .jobs import CoreShare
-    from .tracking import DatasetRef, log_evaluation, log_trained_model, metric_key, open_tracker, training_callbacks
+    from .tracking import (DatasetRef, log_evaluation, log_trained_model, metric_key, novel_mask_tags, open_tracker,
+                           training_callbacks)
 
     start = time.perf_counter()
     p, variant, seed, shared = job.params, job.variant, job.seed, job.shared
     split, index = read_json(job.split_dir / "split.json"), read_json(job.split_dir / "index.json")
     job.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tags = {"stage": "ablate", "variant": variant, "seed": str(seed)}
+    tags = {"stage": "ablate", "variant": variant, "seed": str(seed), **novel_mask_tags(p)}
     phash, name = params_hash(p), f"{variant}-seed{seed}"
     # only an evaluation (shared cell, finished checkpoint) may reopen a finished run; a training gets its own
     evaluation_only = shared or finished_checkpoint(job.checkpoint, phash, p.train.iterations)
@@ -149,7 +155,8 @@ def run_cell(job: CellJob) -> dict:
         if shared:
             device = resolve_device(p.eval.device, "eval.device")
             model, _, _ = load_trained(job.main_model, device)
-            history = load_checkpoint(job.main_model).get("history", [])
+            main_ck = load_checkpoint(job.main_model)
+            history, simnet = main_ck.get("history", []), load_simnet(main_ck)
             print(f"cell {job.key} shares the main training: reusing {job.main_model}")
         else:
             device = resolve_device(p.train.device)
@@ -158,10 +165,18 @@ def run_cell(job: CellJob) -> dict:
                                   progress=job.progress, init=load_init(job.init, p.model.pretrained),
                                   diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
                                                                p.loss.oracle))
-            history = result.history
+            history, simnet = result.history, result.simnet
         model.eval()
-        summary, per_class, _ = evaluate_model(model, job.dataset_dir, index, split, p, device, progress=job.progress)
+        # the same fixed test pixel pairs for every cell (pipeline/engine/heldout.py), gathered from the
+        # evaluation's own forward passes
+        pairs = HeldoutPairs(job.dataset_dir, index, split, HELDOUT_SEED, short_edge=p.data.test_short_edge,
+                             max_edge=p.data.test_max_edge, max_images=p.eval.max_images)
+        with pairs.capture(model):
+            summary, per_class, _ = evaluate_model(model, job.dataset_dir, index, split, p, device,
+                                                   progress=job.progress)
         metrics = {k: v for k, v in summary.items() if k in SUMMARY_KEYS}
+        heldout = pairs.score(simnet, model, device)
+        heldout_log = heldout
         if reopened:
             logged = tracker.client.get_run(tracker.run_id).data.metrics
             if any(logged.get(metric_key(k), v) != v for k, v in metrics.items()):
@@ -177,15 +192,18 @@ def run_cell(job: CellJob) -> dict:
                     tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
             else:
                 metrics = {k: v for k, v in metrics.items() if metric_key(k) not in logged}
+                heldout_log = {k: v for k, v in heldout.items() if metric_key(k) not in logged}
         with atomic_dir(job.out) as tmp:
             facts = write_eval_outputs(tmp / "metrics.json", tmp / "per_class_iou.csv", summary, per_class)
             write_json(tmp / "cell.json", {"variant": variant, "seed": seed, "params_hash": phash,
                                            "shared_with_main": shared, "iterations": p.train.iterations,
                                            "torch_threads": cores.used[-1] if cores.used else None, **facts,
-                                           "run_id": tracker.run_id if tracker else None})
+                                           "run_id": tracker.run_id if tracker else None,
+                                           **({"diagnostic": tags["diagnostic"]} if "diagnostic" in tags else {}),
+                                           "heldout": {k: (None if v != v else v) for k, v in heldout.items()}})
             write_csv(tmp / "curve.csv", history)
             if not shared:
-                export_model(model, p, split, tmp / "model.pt", history)
+                export_model(model, p, split, tmp / "model.pt", history, simnet)
         if tracker:
             tracker.set_tags({"variant": variant, "seed": str(seed)})
             info = None
@@ -193,5 +211,7 @@ def run_cell(job: CellJob) -> dict:
                 info = log_trained_model(tracker, job.out / "model.pt", input_example(job.dataset_dir, index), cores,
                                          register=False)
             log_evaluation(tracker, metrics, dataset, getattr(info, "model_id", None))
+            tracker.log_metrics(heldout_log)
             tracker.set_tags({f"eval.{k}": v for k, v in facts.items()})
-    return {k: summary[k] for k in RESULT_KEYS} | {"seconds": time.perf_counter() - start, "shared": shared}
+    return {k: summary[k] for k in RESULT_KEYS} | {"seconds": time.perf_counter() - start, "shared": shared,
+                                                    "heldout": heldout}

@@ -468,6 +468,14 @@ def open_tracker(p, params_text: str, tags: Mapping[str, Any], name: str, phash:
     return tracker
 
 
+def novel_mask_tags(p) -> dict[str, str]:
+    """``{"diagnostic": "uses novel masks (<what>)"}`` for a run whose training reads novel masks
+    (:func:`pipeline.config.novel_mask_use`: the oracle teacher, the fully supervised oracle), else {}."""
+    from .config import novel_mask_use
+    use = novel_mask_use(p)
+    return {"diagnostic": f"uses novel masks ({use})"} if use else {}
+
+
 def training_callbacks(tracker: RunTracker | None, cores):
     """``on_log`` of the training loop: forward a step's record to MLflow and re-share the CPU
     cores among the trainings running (:class:`pipeline.jobs.CoreShare`)."""

@@ -1,6 +1,7 @@
 """DVC stage `report`: reports/report.md and a self-contained reports/report.html (the answer in
 three lines first, then the evidence: metrics, split, per-class IoU, training curves, the
-ablation grid with its warnings, a qualitative figure; the run facts and training times last), reports/ablation.md, reports/ablation.json (per variant mean, std and n:
+ablation grid with its warnings, the verdict on similarity transfer, a qualitative figure; the
+run facts and training times last), reports/ablation.md, reports/ablation.json (per variant mean, std and n:
 DVC metrics), the figures as PNG files, and the grid's MLflow parent run (per-variant means
 and stds as metrics, the report as artifacts) with one child run per cell."""
 from __future__ import annotations
@@ -37,17 +38,18 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import repo, tracking
-    from pipeline.ablation import cell_runs, grid_hash, main_run_name, pp_weight_sweep
+    from pipeline.ablation import cell_runs, grid_hash, main_run_name, novel_mask_variants, pp_weight_sweep
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
-    grid, pp_weights = None, {}
+    grid, pp_weights, novel_masks = None, {}, {}
     if args.cells is not None and g is not None:
         variants = list(g.run)
         cells = ab.grid_cells(args.cells, g.cells())
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
         grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells)
         pp_weights = pp_weight_sweep(raw, g)
+        novel_masks = novel_mask_variants(raw, g)
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)
     retrain = (read_json(args.retrain_metrics).get("retrain") if args.retrain_metrics and args.retrain_metrics.is_file()
                else None)
@@ -61,7 +63,7 @@ def main() -> None:
              "main_run": main_run_name(g, p.base.seed)},
         qualitative=(args.model, args.dataset_dir, read_json(args.split_dir / "index.json")) if have_model else None,
         baselines=read_json(args.baselines) if args.baselines and args.baselines.is_file() else None,
-        pp_weights=pp_weights)
+        pp_weights=pp_weights, novel_masks=novel_masks, data_setting=data_setting(p))
     write_report(inputs, args.out, args.html, args.ablation_md, args.ablation_json)
 
     if grid is not None and not args.no_mlflow:
@@ -77,6 +79,15 @@ def main() -> None:
             [x for x in (args.out, args.html, args.ablation_md, args.ablation_json) if x])
         print(f"MLflow: grid run {out['parent']} with {len(out['children'])} cell runs")
     print(f"report -> {args.out}" + "".join(f", {x}" for x in (args.ablation_md, args.ablation_json, args.html) if x))
+
+
+def data_setting(p) -> str:
+    """What the data of this run models (the verdict section's data setting)."""
+    if p.data.dataset == "synthetic":
+        from pipeline.data.synthetic import describe_setting
+        return describe_setting(p.data.synthetic.cooccur)
+    return (f"the real dataset `{p.data.dataset}`, split {p.data.split}: its classes co-occur as they do in its "
+            "scenes, beside unlabelled pixels")
 
 
 def changed_params(path: Path, raw: dict) -> dict | None:

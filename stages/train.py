@@ -2,7 +2,8 @@
 
 Runs on CUDA when present (train.device: auto), else on CPU. Resumes from --checkpoint
 when it holds a checkpoint of the same params. Logs params, the whole params file,
-per-step losses and the trained model (an MLflow model, registered as
+per-step losses, the held-out pixel-pair AUCs of SimNet, the student and the features
+(heldout_auc_*, pipeline/engine/heldout.py) and the trained model (an MLflow model, registered as
 simformer-<dataset>-split<k>) to MLflow: $MLFLOW_TRACKING_URI when set, else the SQLite
 store at the repository root (found through $DVC_ROOT under `dvc exp run`). With
 train.threads 0 the CPU cores are shared among the trainings running on the machine.
@@ -44,19 +45,21 @@ def main() -> None:
 
     from pipeline.data.dataset import input_example
     from pipeline.engine.diagnostics import diagnostics_hook
+    from pipeline.engine.heldout import HELDOUT_SEED, heldout_similarity
     from pipeline.engine.pretrain import load_init
     from pipeline.engine.train import export_model, train
     from pipeline.io import write_csv
     from pipeline.jobs import CoreShare
     from pipeline.ablation import main_run_name
     from pipeline.engine.train import curve_table
-    from pipeline.tracking import DatasetRef, log_trained_model, open_tracker, training_callbacks
+    from pipeline.tracking import DatasetRef, log_trained_model, novel_mask_tags, open_tracker, training_callbacks
 
     dist = D.init_distributed(p.train.dist_backend, p.train.device) if D.under_torchrun() else D.DistInfo()
     try:
         # rank 0 alone logs and writes files; the other ranks only train
+        tags = {"stage": "train", **novel_mask_tags(p)}
         tracker = None if args.no_mlflow or not dist.is_main else open_tracker(
-            p, params_text, {"stage": "train"}, args.run_name or main_run_name(grid, p.base.seed))
+            p, params_text, tags, args.run_name or main_run_name(grid, p.base.seed))
         if tracker:
             tracker.log_dataset(DatasetRef.of_folder(p.data.dataset, args.dataset_dir))
             tracker.start_system_metrics()
@@ -68,9 +71,15 @@ def main() -> None:
                                diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
                                                             p.loss.oracle))
             if dist.is_main:
-                export_model(model, p, split, args.model, out.history)
+                export_model(model, p, split, args.model, out.history, out.simnet)
                 write_csv(args.curve, curve_table(out.history))
+                # SimNet, student and features on the fixed held-out test pixel pairs (pipeline/engine/heldout.py)
+                heldout = heldout_similarity(model, out.simnet, args.dataset_dir, index, split, HELDOUT_SEED,
+                                             short_edge=p.data.test_short_edge, max_edge=p.data.test_max_edge)
+                print("held-out pixel-pair AUC: " + ", ".join(
+                    f"{k.removeprefix('heldout_auc_')} {v:.3f}" for k, v in heldout.items() if k.startswith("heldout_auc")))
             if tracker:
+                tracker.log_metrics(heldout)
                 log_trained_model(tracker, args.model, input_example(args.dataset_dir, index), cores, register=True)
     finally:
         D.cleanup()

@@ -197,7 +197,7 @@ def test_image_size_from_headers(tmp_path):
 def test_write_split_and_generated_dataset(tmp_path):
     from pipeline.config import SyntheticConfig
     ds = tmp_path / "dataset"
-    synthetic.generate_dataset(ds, SyntheticConfig(num_train=8, num_test=3, image_size=48, jitter=1.0), seed=3, progress=False)
+    synthetic.generate_dataset(ds, SyntheticConfig(num_train=8, num_test=3, image_size=48, jitter=1.0, cooccur=0.0), seed=3, progress=False)
     split, index = build_split(ds, "synthetic", 2, progress=False)
     assert len(index["train"]) == 8 and len(index["test"]) == 3
     assert all(e["usable"] for e in index["train"])

@@ -17,7 +17,7 @@ from tests.helpers import files_under, leftovers, sha
 def small_ds(tmp_path_factory):
     """120 train / 20 test images of 64 x 64, seed 6."""
     out = tmp_path_factory.mktemp("syn") / "dataset"
-    summary = S.generate_dataset(out, SyntheticConfig(num_train=120, num_test=20, image_size=64, jitter=1.0), seed=6,
+    summary = S.generate_dataset(out, SyntheticConfig(num_train=120, num_test=20, image_size=64, jitter=1.0, cooccur=0.0), seed=6,
                                  progress=False)
     return out, summary
 
@@ -131,7 +131,7 @@ def test_every_class_of_every_split_in_10_percent_of_train_images(small_ds):
 
 def test_determinism_same_seed_bytes_different_seed_differs(small_ds, tmp_path):
     out, _ = small_ds
-    cfg = SyntheticConfig(num_train=6, num_test=2, image_size=64, jitter=1.0)
+    cfg = SyntheticConfig(num_train=6, num_test=2, image_size=64, jitter=1.0, cooccur=0.0)
     a = tmp_path / "a"
     b = tmp_path / "b"
     S.generate_dataset(a, cfg, seed=6, progress=False)
@@ -166,7 +166,7 @@ def test_generator_crash_keeps_previous_dataset(tmp_path, monkeypatch):
     from pipeline.config import SyntheticConfig
     from pipeline.data import synthetic
     out = tmp_path / "dataset"
-    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32, jitter=1.0)
+    cfg = SyntheticConfig(num_train=4, num_test=2, image_size=32, jitter=1.0, cooccur=0.0)
     synthetic.generate_dataset(out, cfg, 1, progress=False)
     before = {f: sha(out / f) for f in files_under(out) if (out / f).is_file()}
     real = cv2.imwrite

@@ -25,6 +25,24 @@ on one shared CPU core.
 Splits (``SPLITS``): four fixed partitions of the 24 classes into quarters of 6 novel classes,
 each mixing stuff and things; every class is novel in exactly one split.
 
+Co-occurrence (``data.synthetic.cooccur``, 0..1; 0 by default). At 0 every class is drawn
+independently of the others (today's data, bit-identical: no random number is drawn for the
+setting) and every instance looks like its class. Then pixel-pair similarity has little to add
+over image-level labels: a novel class seldom shares its images with one particular other
+novel class, so the image labels alone tell them apart. In the real datasets classes come in
+*scenes*: ADE20K's bed, pillow, lamp and wall, COCO-Stuff's person, surfboard, sea and sky
+appear together, beside "other" / "unlabeled" stuff, and an image label "pillow" never comes
+without "bed". With ``cooccur`` > 0, that share of the images is a *scene image*: one of the
+three fixed scene groups (:data:`SCENES`, e.g. sky, grass, water, sand with beach ball,
+cardboard box, kite, umbrella) supplies *all* its stuff and things, an unlabelled clutter
+region and one or two clutter objects always join them, and every instance's two colours are
+blended towards random clutter-like colours (by up to :data:`SCENE_COLOUR_MIX`), so colour
+says less and texture must separate the classes. Each group holds exactly two novel classes
+of every split and six base classes, so under any split the novel classes of a group co-occur
+(image-level labels cannot separate them), and the base classes carry the same structure:
+SimNet can learn "together but different" from base pairs. :func:`pair_cooccurrence` measures
+it (Jaccard of the images holding each class of a pair).
+
 Determinism: image ``i`` of split ``s`` is drawn from ``np.random.default_rng([seed, code(s), i])``,
 so images depend on neither ``num_train`` nor ``num_test``, and the same seed writes
 byte-identical files.
@@ -88,6 +106,17 @@ SPLITS: dict[int, list[int]] = {
     3: [0, 6, 10, 15, 18, 21],
     4: [3, 4, 8, 13, 17, 22],
 }
+
+# Scene groups of data.synthetic.cooccur: a scene image holds every class of one group. Each group has
+# exactly two novel classes of every split of SPLITS (and six base ones), so a split's novel classes
+# come in co-occurring pairs: (1, 12) (7, 16) (20, 23) for split 1, (2, 11) (5, 14) (9, 19) for split 2, ...
+SCENES: tuple[dict[str, tuple[int, ...]], ...] = (
+    {"stuff": (0, 1, 2, 3), "things": (10, 11, 12, 13)},        # sky, grass, water, sand; ball, box, kite, umbrella
+    {"stuff": (4, 5, 6, 7), "things": (14, 15, 16, 17)},        # brick wall, snow, moss, gravel; cushion, bottle, ...
+    {"stuff": (8, 9), "things": (18, 19, 20, 21, 22, 23)},      # carpet, wooden floor; robot, cone, crate, ...
+)
+SCENE_COLOUR_MIX = 0.6      # scene images: each instance's colours blended towards random ones by U(0, this)
+SCENE_CLUTTER_OBJECTS = (1, 2)   # scene images: clutter objects (inclusive range), besides the clutter region
 
 # per-class texture angle jitter (degrees, uniform +-); default 25
 _ANGLE_JITTER = {1: 10.0, 0: 15.0, 9: 15.0, 19: 10.0, 17: 10.0}
@@ -188,9 +217,12 @@ def _hue_rotate(colours: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def _render_class(rng: np.random.Generator, cid: int, size: int, centre: tuple[float, float],
-                  extent: float, xx: np.ndarray, yy: np.ndarray, jitter: float = 1.0) -> np.ndarray:
+                  extent: float, xx: np.ndarray, yy: np.ndarray, jitter: float = 1.0,
+                  colour_mix: float = 0.0) -> np.ndarray:
     """Whole-frame RGB (float32, H x W x 3) of one instance of class ``cid``; ``jitter`` scales
-    every per-instance variation (colour, brightness, texture period, angle, contrast)."""
+    every per-instance variation (colour, brightness, texture period, angle, contrast);
+    ``colour_mix`` > 0 blends the two colours towards random clutter-like ones by U(0, colour_mix)
+    (scene images; 0 draws nothing for it)."""
     j = jitter
     _name, isthing, c1, c2, kind, period, angle = _SPEC[cid]
     scale = size / 128.0
@@ -198,6 +230,9 @@ def _render_class(rng: np.random.Generator, cid: int, size: int, centre: tuple[f
     cols = _hue_rotate(cols, rng.normal(0.0, 10.0 * j))
     cols = cols * rng.uniform(1 - 0.25 * j, 1 + 0.25 * j) + rng.normal(0.0, 12.0 * j, (1, 3))
     cols = cols + rng.normal(0.0, 5.0 * j, (2, 3))
+    if colour_mix > 0:
+        m = rng.uniform(0.0, colour_mix)
+        cols = (1.0 - m) * cols + m * rng.uniform(20.0, 235.0, (2, 3))
     if kind == "gradient" and isthing:
         p = period * extent * rng.uniform(1 - 0.2 * j, 1 + 0.25 * j)  # ramp across the object
     elif kind == "sectors":
@@ -293,30 +328,42 @@ def _render_clutter(rng: np.random.Generator, size: int, centre: tuple[float, fl
     return c1.astype(np.float32)[None, None, :] + t[:, :, None] * (c2 - c1).astype(np.float32)[None, None, :]
 
 
-def generate_sample(rng: np.random.Generator, size: int, jitter: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def generate_sample(rng: np.random.Generator, size: int, jitter: float = 1.0,
+                    cooccur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One image and its label: (RGB uint8 H x W x 3, label uint8 H x W, ids 0..23, 255 = unlabelled).
     ``jitter`` scales the nuisance variation: per instance (see :func:`_render_class`) and per
-    image (illumination gradient, colour cast, pixel noise); 1 = the strongest."""
+    image (illumination gradient, colour cast, pixel noise); 1 = the strongest. ``cooccur``: the
+    probability that the image is a scene image (module docstring); 0 draws nothing for it, so
+    the image is the one of before the setting existed."""
     xx, yy = _grid(size)
     rgb = np.zeros((size, size, 3), np.float32)
     label = np.zeros((size, size), np.uint8)
 
-    n_stuff = int(rng.choice([2, 3], p=[0.4, 0.6]))
-    stuff = [int(c) for c in rng.choice(STUFF_IDS, n_stuff, replace=False)]
-    if rng.random() < CLUTTER_REGION_P:          # one background region is unlabelled clutter
-        stuff.append(IGNORE)
+    scene = SCENES[int(rng.integers(len(SCENES)))] if cooccur > 0 and rng.random() < cooccur else None
+    mix = SCENE_COLOUR_MIX if scene is not None else 0.0
+    if scene is None:
+        n_stuff = int(rng.choice([2, 3], p=[0.4, 0.6]))
+        stuff = [int(c) for c in rng.choice(STUFF_IDS, n_stuff, replace=False)]
+        if rng.random() < CLUTTER_REGION_P:          # one background region is unlabelled clutter
+            stuff.append(IGNORE)
+    else:                                            # the group's stuff and always a clutter region
+        stuff = [int(c) for c in rng.permutation(scene["stuff"])] + [IGNORE]
     region = _stuff_layout(rng, size, len(stuff), xx, yy)
     for r, cid in enumerate(stuff):
         m = region == r
         centre = tuple(rng.uniform(0, size, 2))
         tex = (_render_clutter(rng, size, centre, xx, yy) if cid == IGNORE
-               else _render_class(rng, cid, size, centre, float(size), xx, yy, jitter))
+               else _render_class(rng, cid, size, centre, float(size), xx, yy, jitter, mix))
         rgb[m] = tex[m]
         label[m] = cid
 
-    n_things = int(rng.integers(THINGS_PER_IMAGE[0], THINGS_PER_IMAGE[1] + 1))
-    things = [int(c) for c in rng.choice(THING_IDS, n_things, replace=False)]
-    things += [IGNORE] * int(rng.choice(len(CLUTTER_OBJECTS_P), p=CLUTTER_OBJECTS_P))
+    if scene is None:
+        n_things = int(rng.integers(THINGS_PER_IMAGE[0], THINGS_PER_IMAGE[1] + 1))
+        things = [int(c) for c in rng.choice(THING_IDS, n_things, replace=False)]
+        things += [IGNORE] * int(rng.choice(len(CLUTTER_OBJECTS_P), p=CLUTTER_OBJECTS_P))
+    else:                                            # every thing of the group, beside clutter objects
+        lo, hi = SCENE_CLUTTER_OBJECTS
+        things = list(scene["things"]) + [IGNORE] * int(rng.integers(lo, hi + 1))
     order = rng.permutation(len(things))        # clutter objects occlude and are occluded like things
     for k in order:
         cid = things[k]
@@ -324,7 +371,7 @@ def generate_sample(rng: np.random.Generator, size: int, jitter: float = 1.0) ->
         if not m.any():
             continue
         tex = (_render_clutter(rng, size, centre, xx, yy) if cid == IGNORE
-               else _render_class(rng, cid, size, centre, side, xx, yy, jitter))
+               else _render_class(rng, cid, size, centre, side, xx, yy, jitter, mix))
         rgb[m] = tex[m]
         label[m] = cid
 
@@ -342,6 +389,42 @@ def generate_sample(rng: np.random.Generator, size: int, jitter: float = 1.0) ->
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """Per-image generator, independent of the number of images generated."""
     return np.random.default_rng([int(seed), SPLIT_CODES[split], int(index)])
+
+
+def pair_cooccurrence(labels, pairs) -> float:
+    """How often the two classes of each pair share an image: per pair ``(a, b)`` the Jaccard index
+    #images holding both / #images holding either (0 when neither occurs), averaged over
+    ``pairs``. ``labels``: label maps (any shape). 1 = the image labels never tell a from b."""
+    present = [set(np.unique(np.asarray(lab)).tolist()) for lab in labels]
+    out = []
+    for a, b in pairs:
+        both = sum(a in s and b in s for s in present)
+        either = sum(a in s or b in s for s in present)
+        out.append(both / either if either else 0.0)
+    return float(np.mean(out)) if out else float("nan")
+
+
+def scene_novel_pairs(split: int) -> list[tuple[int, int]]:
+    """The pairs of ``split``'s novel classes that share a scene group (:data:`SCENES`): the
+    pairs that co-occur in every scene image of their group."""
+    novel = set(SPLITS[split])
+    out = []
+    for g in SCENES:
+        members = sorted(c for c in g["stuff"] + g["things"] if c in novel)
+        out += [(a, b) for i, a in enumerate(members) for b in members[i + 1:]]
+    return out
+
+
+def describe_setting(cooccur: float) -> str:
+    """One sentence on what ``data.synthetic.cooccur`` models (the report's data setting)."""
+    if cooccur <= 0:
+        return ("synthetic data with `data.synthetic.cooccur: 0`: classes occur independently of each other and every "
+                "instance has its class's colours, so image-level labels already separate the novel classes and "
+                "pixel-pair similarity has little to add (a setting where the paper's claim cannot show)")
+    return (f"synthetic data with `data.synthetic.cooccur: {cooccur:g}`: {cooccur:.0%} of the images are scene images "
+            "in which a fixed group of classes (two novel classes of every split, six base) co-occurs beside "
+            "unlabelled clutter, with clutter-like colours (as bed, pillow and lamp in ADE20K), so image-level labels "
+            "cannot separate the group's novel classes by themselves")
 
 
 def stem(split: str, index: int) -> str:
@@ -370,7 +453,7 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, seed: int, progress: bool = 
             img_dir.mkdir(parents=True)
             ann_dir.mkdir(parents=True)
             for i in range(n):
-                rgb, label = generate_sample(sample_rng(seed, split, i), size, float(cfg.jitter))
+                rgb, label = generate_sample(sample_rng(seed, split, i), size, float(cfg.jitter), float(cfg.cooccur))
                 name = stem(split, i)
                 if not cv2.imwrite(str(img_dir / f"{name}.jpg"), np.ascontiguousarray(rgb[:, :, ::-1]), params):
                     raise OSError(f"could not write {img_dir / (name + '.jpg')}")

@@ -165,7 +165,7 @@ def make_dataset(root: Path, p: Params, num_train: int, num_test: int, image_siz
     from ..data.synthetic import generate_dataset
     ds = root / f"synthetic_{image_size}_{num_train}_{num_test}"
     if not (ds / "classes.json").is_file():
-        generate_dataset(ds, SyntheticConfig(num_train, num_test, image_size, p.data.synthetic.jitter), p.base.seed, progress=False)
+        generate_dataset(ds, SyntheticConfig(num_train, num_test, image_size, p.data.synthetic.jitter, p.data.synthetic.cooccur), p.base.seed, progress=False)
     return ds, *build_split(ds, "synthetic", 1, workers=1, progress=False)
 
 

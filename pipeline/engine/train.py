@@ -121,7 +121,8 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
         if state.step % t.checkpoint_interval == 0 or state.step == t.iterations:
             _checkpoint(state, ckpt_path, meta, device, hint, on_checkpoint)
     bar.close()
-    return state.model, TrainOutputs(state.history, state.step, resumed_from, time.perf_counter() - t0)
+    return state.model, TrainOutputs(state.history, state.step, resumed_from, time.perf_counter() - t0,
+                                     state.criterion)
 
 
 @dataclass
@@ -130,6 +131,12 @@ class TrainOutputs:
     steps: int = 0
     resumed_from: int = 0
     seconds: float = 0.0
+    criterion: torch.nn.Module | None = None        # the trained criterion (its SimNet: held-out diagnostics)
+
+    @property
+    def simnet(self) -> torch.nn.Module | None:
+        """The trained SimNet, or None when the run had neither SimLoss nor DistLoss."""
+        return getattr(getattr(self.criterion, "similarity", None), "simnet", None)
 
 
 # ============================================================================ one step
@@ -476,7 +483,11 @@ def curve_table(history: list[dict]) -> list[dict]:
 
 
 def export_model(model: torch.nn.Module, p: Params, split: dict, path: str | Path,
-                 history: list[dict] | None = None) -> None:
-    """The trained model as the evaluate stage reads it: weights, params, split and training curve."""
+                 history: list[dict] | None = None, simnet: torch.nn.Module | None = None) -> None:
+    """The trained model as the evaluate stage reads it: weights, params, split and training curve;
+    and the trained SimNet when given (``simnet``: read back by
+    :func:`pipeline.engine.heldout.load_simnet` for the held-out similarity diagnostics of a grid cell
+    that reuses this model; inference never uses it)."""
+    extra = {"simnet": simnet.state_dict()} if simnet is not None else {}
     save_checkpoint(path, {"model": model.state_dict(), "params": to_dict(p), "params_hash": params_hash(p),
-                           "split": split, "num_classes": split["num_classes"], "history": history or []})
+                           "split": split, "num_classes": split["num_classes"], "history": history or [], **extra})

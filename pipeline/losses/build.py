@@ -36,7 +36,7 @@ def build_criterion(p: Params, num_classes: int, base_ids: list[int], novel_ids:
         from .similarity import DualSimilarityLoss
         similarity = DualSimilarityLoss(p.model.mask_dim, sim_points=lc.sim_points, sim_base_points=lc.sim_base_points,
                                         dist_points=lc.pp_points, dist_form=lc.pp_form, dist_pairing=lc.pp_pairing,
-                                        simnet_block_convs=lc.simnet_block_convs)
+                                        dist_teacher=lc.pp_teacher, simnet_block_convs=lc.simnet_block_convs)
     return SetCriterion(num_classes, matcher, loss_weights(p), num_layers=p.model.dec_layers,
                         deep_supervision=lc.deep_supervision, no_object_weight=lc.no_object_weight,
                         focal_alpha=lc.focal_alpha, focal_gamma=lc.focal_gamma, comp_bg_logit=lc.comp_bg_logit,

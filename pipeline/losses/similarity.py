@@ -11,6 +11,9 @@ losses 5 and 6 of ``shared/reference/SIMFORMER.md``. Each equation is one functi
 * :func:`sim_loss` - **SimLoss**;
 * :func:`novel_score_map` - the novel score map ``s(x)``;
 * :func:`pixel_pair_distillation` - the pixel-pair distillation term (``cce`` / ``ce``);
+* :func:`simnet_teacher` / :func:`oracle_teacher` - DistLoss's teacher, chosen by name
+  (:data:`DIST_TEACHERS`, ``loss.pp_teacher``): SimNet's similarity (the paper) or the true
+  same-class relation (the headroom control; it reads novel labels: a diagnostic only);
 * :func:`dist_loss` - **DistLoss**;
 * :class:`DualSimilarityLoss` - the module holding SimNet, its statistics and settings.
 
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PP_FORMS, PP_PAIRINGS
+from ..config import PP_FORMS, PP_PAIRINGS, PP_TEACHERS
 from ..data import IGNORE
 from ..model.simnet import SimNet
 
@@ -270,8 +273,10 @@ def novel_score_map(pred_logits: torch.Tensor, pred_masks: torch.Tensor, novel_i
     return torch.einsum("bqn,bqhw->bnhw", cls, pred_masks.float().sigmoid())
 
 
-def pixel_pair_distillation(teacher: torch.Tensor, student: torch.Tensor, form: str = "cce") -> torch.Tensor:
-    """Pixel-pair distillation term of DistLoss, mean over all pairs.
+def pixel_pair_distillation(teacher: torch.Tensor, student: torch.Tensor, form: str = "cce",
+                            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel-pair distillation term of DistLoss, mean over all pairs (over the pairs where
+    ``valid``, a same-shaped bool tensor, is True when it is given; 0 when none is).
 
     ``teacher`` ``t`` (SimNet similarity) and ``student`` ``s`` (ReLU cosine of novel score
     vectors) are same-shaped tensors in ``[0, 1]``.
@@ -293,7 +298,48 @@ def pixel_pair_distillation(teacher: torch.Tensor, student: torch.Tensor, form: 
         loss = -(t * torch.log(sc) + (1.0 - t) * torch.log1p(-sc))
     else:
         raise ValueError(f"unknown distillation form {form!r}; allowed: {', '.join(PP_FORMS)}")
-    return loss.mean()
+    if valid is None:
+        return loss.mean()
+    v = valid.reshape(loss.shape).bool()
+    return torch.where(v, loss, torch.zeros_like(loss)).sum() / v.sum().clamp_min(1).float()
+
+
+def simnet_teacher(simnet: SimNet, feats: torch.Tensor, picks: Sequence[tuple]) -> list[tuple[torch.Tensor, None]]:
+    """DistLoss's teacher of the paper: per image pair ``(a, b, ia, ib, la, lb)`` of ``picks``,
+    ``t[i, j]`` = SimNet(f_a(x_i), f_b(x_j)) on the detached ``feats`` (``B x C x h x w``), under
+    ``torch.no_grad()``, all pairs of all image pairs in one SimNet call (in training mode its
+    BatchNorm uses the statistics of these pairs). Every pair has a teacher (``valid`` None)."""
+    c = feats.shape[1]
+    with torch.no_grad():
+        rows = [_pair_rows(feats[a].reshape(c, -1)[:, ia].t(), feats[b].reshape(c, -1)[:, ib].t())
+                for a, b, ia, ib, _, _ in picks]
+        t_all = simnet(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])).float()
+    out, k = [], 0
+    for _, _, ia, ib, _, _ in picks:
+        n = ia.numel() * ib.numel()
+        out.append((t_all[k:k + n].reshape(ia.numel(), ib.numel()), None))
+        k += n
+    return out
+
+
+def oracle_teacher(simnet: SimNet | None, feats: torch.Tensor,
+                   picks: Sequence[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The headroom control's teacher (``loss.pp_teacher: oracle``): ``t[i, j]`` = 1.0 when the
+    true labels ``la[i]`` and ``lb[j]`` (from the full label maps, *novel masks included*) are
+    equal, else 0.0 - what a perfect SimNet would say. A pair with a 255 (ignore / unknown) pixel
+    has no teacher: ``valid`` is False there and the pair is left out of the loss. A diagnostic
+    of how much DistLoss could give at best, never a weak-shot method. SimNet is not called."""
+    out = []
+    for _, _, ia, ib, la, lb in picks:
+        la, lb = la.to(feats.device).long(), lb.to(feats.device).long()
+        valid = (la != IGNORE)[:, None] & (lb != IGNORE)[None, :]
+        out.append(((la[:, None] == lb[None, :]).float(), valid))
+    return out
+
+
+# DistLoss's teacher by name (loss.pp_teacher): f(simnet, detached mask features, picks) -> [(teacher, valid)]
+DIST_TEACHERS = {"simnet": simnet_teacher, "oracle": oracle_teacher}
+assert tuple(DIST_TEACHERS) == PP_TEACHERS
 
 
 def _shares_novel(t_a: Mapping[str, torch.Tensor], t_b: Mapping[str, torch.Tensor]) -> bool:
@@ -305,7 +351,7 @@ def _shares_novel(t_a: Mapping[str, torch.Tensor], t_b: Mapping[str, torch.Tenso
 def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
               base_ids: torch.Tensor, novel_ids: torch.Tensor, dist_points: int = 100, dist_form: str = "cce",
               dist_pairing: str = "cross_image", generator: torch.Generator | None = None,
-              normalizer=None) -> torch.Tensor:
+              normalizer=None, *, dist_teacher: str = "simnet") -> torch.Tensor:
     """**DistLoss**: distil SimNet's pixel-pair similarity onto the novel score maps.
 
     Only image pairs (0, 1), (2, 3), ... whose image-level novel labels
@@ -314,9 +360,13 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
     label is novel or unknown (255 inside the image), padding (``targets[i]["valid"]``
     False) excluded; an image without such pixels drops its pair.
 
-    * teacher ``t[i, j]`` = SimNet(f_a(x_i), f_b(x_j)) on the detached ``mask_features``
-      under ``torch.no_grad()``: ``P x P``, cross-image. SimNet runs in its current mode
-      (in training, BatchNorm uses the statistics of these pairs).
+    * teacher ``t[i, j]``, ``P x P``, cross-image, chosen by ``dist_teacher``
+      (:data:`DIST_TEACHERS`): ``simnet`` (the paper, :func:`simnet_teacher`) = SimNet(f_a(x_i),
+      f_b(x_j)) on the detached ``mask_features`` under ``torch.no_grad()``, SimNet in its
+      current mode (in training, BatchNorm uses the statistics of these pairs); ``oracle``
+      (:func:`oracle_teacher`, a diagnostic that reads novel labels) = the true "same class"
+      of the two pixels, pairs with a 255 pixel left out of the mean. The same pixels are
+      sampled for either teacher.
     * student from the novel score vectors ``s(x)`` (:func:`novel_score_map`, ``N_novel``
       entries per pixel): ``ReLU(cos(s(x), s(y)))``.
 
@@ -328,19 +378,21 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         so the two matrices are compared entry by entry although entry ``(i, j)`` refers to
         different pixel pairs; image b's score map then receives no gradient.
 
-    The loss is :func:`pixel_pair_distillation` averaged over the pairs of all eligible image
-    pairs. Gradients reach ``pred_logits`` / ``pred_masks`` only, never SimNet or
-    ``mask_features`` (through this path). No eligible pair: 0 and no SimNet call.
+    The loss is :func:`pixel_pair_distillation` averaged over the pairs of each eligible image
+    pair, then over the image pairs (an image pair whose pairs all lack an oracle teacher adds
+    0). Gradients reach ``pred_logits`` / ``pred_masks`` only, never SimNet or ``mask_features``
+    (through this path). No eligible pair: 0 and no SimNet call.
 
     ``normalizer`` (multi-process training): the sum over this rank's eligible image pairs is
     divided by ``normalizer(#eligible pairs)`` (their number over the ranks / world_size).
     """
     if dist_pairing not in PP_PAIRINGS:
         raise ValueError(f"unknown dist_pairing {dist_pairing!r}; allowed: {', '.join(PP_PAIRINGS)}")
+    if dist_teacher not in DIST_TEACHERS:
+        raise ValueError(f"unknown dist_teacher {dist_teacher!r}; allowed: {', '.join(DIST_TEACHERS)}")
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     feats = outputs["mask_features"].detach()
     bsz, q, h, w = pred_masks.shape
-    c = feats.shape[1]
     if tuple(feats.shape[-2:]) != (h, w):
         raise ValueError(f"mask_features {tuple(feats.shape[-2:])} and pred_masks {(h, w)} resolutions differ")
     zero = pred_masks.new_zeros((), dtype=torch.float32)
@@ -349,11 +401,12 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         return zero
     base = base_ids.reshape(-1).long().cpu()
 
-    sel: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    # (a, b, pixels of a, pixels of b, their labels): labels only for the oracle teacher
+    sel: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for a, b in _image_pairs(bsz):
         if not _shares_novel(targets[a], targets[b]):
             continue
-        idx = []
+        idx, labs = [], []
         for i in (a, b):
             lab = downsample_labels(targets[i]["sem_seg"], (h, w)).reshape(-1).cpu()
             valid = targets[i].get("valid")
@@ -361,20 +414,16 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
                     else torch.ones_like(lab, dtype=torch.bool))
             cand = (keep & ~torch.isin(lab, base)).nonzero().flatten()
             idx.append(_pick(cand, dist_points, generator))
+            labs.append(lab[idx[-1]])
         if idx[0].numel() == 0 or idx[1].numel() == 0:
             continue
-        sel.append((a, b, idx[0].to(feats.device), idx[1].to(feats.device)))
+        sel.append((a, b, idx[0].to(feats.device), idx[1].to(feats.device), labs[0], labs[1]))
     if normalizer is not None:
         count = normalizer(len(sel), zero.device).float()    # a collective: also with no eligible pair
     if not sel:
         return zero
 
-    # teacher: one SimNet call over all eligible pairs, no gradient
-    with torch.no_grad():
-        rows = [_pair_rows(feats[a].reshape(c, -1)[:, ia].t(), feats[b].reshape(c, -1)[:, ib].t())
-                for a, b, ia, ib in sel]
-        t_all = simnet(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])).float()
-    n = dist_points * dist_points
+    teachers = DIST_TEACHERS[dist_teacher](simnet, feats, sel)      # no gradient
     cls = torch.softmax(pred_logits.float(), dim=-1)[..., nov.to(pred_logits.device)]   # B x Q x N
 
     def scores(i: int, idx: torch.Tensor) -> torch.Tensor:        # P x N novel score vectors s(x)
@@ -382,12 +431,11 @@ def dist_loss(simnet: SimNet, outputs: Mapping[str, torch.Tensor], targets: Sequ
         return F.normalize((cls[i].t() @ m).t(), dim=1, eps=1e-8)
 
     losses = []
-    for k, (a, b, ia, ib) in enumerate(sel):
-        teacher = t_all[k * n:(k + 1) * n].reshape(dist_points, dist_points)
+    for (a, b, ia, ib, _, _), (teacher, valid) in zip(sel, teachers):
         sa = scores(a, ia)
         sb = sa if dist_pairing == "within_image" else scores(b, ib)
         student = F.relu(sa @ sb.t())
-        losses.append(pixel_pair_distillation(teacher, student, dist_form))
+        losses.append(pixel_pair_distillation(teacher, student, dist_form, valid))
     if normalizer is not None:
         return torch.stack(losses).sum() / count
     return torch.stack(losses).mean()
@@ -407,8 +455,10 @@ class DualSimilarityLoss(nn.Module):
 
     def __init__(self, mask_dim: int, *, sim_points: int = 100, sim_base_points: int = 80,
                  dist_points: int = 100, dist_form: str = "cce", dist_pairing: str = "cross_image",
-                 simnet_width: int = 256, simnet_block_convs: int = 1):
+                 dist_teacher: str = "simnet", simnet_width: int = 256, simnet_block_convs: int = 1):
         super().__init__()      # (dist_form, dist_pairing, sim_base_points: checked where they are used)
+        if dist_teacher not in DIST_TEACHERS:
+            raise ValueError(f"unknown dist_teacher {dist_teacher!r}; allowed: {', '.join(DIST_TEACHERS)}")
         self.simnet = SimNet(mask_dim, simnet_width, block_convs=simnet_block_convs)
         self.stats = SimilarityStats()
         self.sim_points = int(sim_points)
@@ -416,6 +466,7 @@ class DualSimilarityLoss(nn.Module):
         self.dist_points = int(dist_points)
         self.dist_form = dist_form
         self.dist_pairing = dist_pairing
+        self.dist_teacher = dist_teacher
 
     def forward(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
                 base_ids: torch.Tensor, novel_ids: torch.Tensor, generator: torch.Generator | None = None, *,
@@ -426,5 +477,6 @@ class DualSimilarityLoss(nn.Module):
                                        self.sim_points, self.sim_base_points, generator, normalizer)
         if dist_enabled:
             out["loss_dist"] = dist_loss(self.simnet, outputs, targets, base_ids, novel_ids, self.dist_points,
-                                         self.dist_form, self.dist_pairing, generator, normalizer)
+                                         self.dist_form, self.dist_pairing, generator, normalizer,
+                                         dist_teacher=self.dist_teacher)
         return out

@@ -28,7 +28,8 @@ REPRODUCIBILITY = ("Rerunning this commit with the same params on the same machi
                    "because floating-point sums are ordered differently (README, *Reproducibility*).")
 
 
-GRID_SECTIONS = ("Trivial baselines", "Ablation", "Paired differences", "DistLoss weight sweep",
+VERDICT_HEADING = "Does similarity transfer help?"
+GRID_SECTIONS = ("Trivial baselines", "Ablation", VERDICT_HEADING, "Paired differences", "DistLoss weight sweep",
                  "Similarity diagnostics")
 
 
@@ -72,6 +73,8 @@ class Inputs:
     qualitative: tuple[Path, Path, dict] | None = None  # model file, dataset folder, index.json
     baselines: dict | None = None                   # the baselines stage's JSON (trivial baselines)
     pp_weights: dict[str, float] = field(default_factory=dict)   # grid variant -> loss.pp_weight (the sweep)
+    novel_masks: dict[str, str] = field(default_factory=dict)    # grid variant -> what of it uses novel masks
+    data_setting: str = ""                          # what the data models (the verdict section)
 
 
 def _figure(r: Inputs, caption: str, name: str) -> tuple[Path, str]:
@@ -211,6 +214,8 @@ def ablation_section(r: Inputs) -> Section | None:
     if g is None:
         return None
     notes = ab.ablation_notes(g.table, g.iterations, r.run.get("iterations"))
+    notes += [f"**`{v}` uses novel masks ({use})**: a diagnostic or a bound, not a weak-shot result."
+              for v, use in r.novel_masks.items() if v in g.variants]
     novel = ab.novel_class_iou(g.cells_dir, g.variants)
     bars, bars_link = _figure(r, "Novel-class IoU per variant", "novel_class_iou.png")
     curves, curves_link = _figure(r, "Training curves per variant", "variant_curves.png")
@@ -242,18 +247,35 @@ def sweep_section(r: Inputs) -> Section | None:
                    {"DistLoss weight sweep": path})
 
 
+def verdict_section(r: Inputs) -> Section | None:
+    g = r.grid
+    if g is None:
+        return None
+    text = ev.similarity_verdict_markdown(g.cell_rows(), r.novel_masks, r.data_setting)
+    return Section(VERDICT_HEADING, text) if text else None
+
+
 def diagnostics_section(r: Inputs) -> Section | None:
+    """Headline: the held-out AUCs per variant (:func:`evidence.heldout_markdown`); then the
+    single-batch AUCs and gradient norms logged during training."""
     g = r.grid
     if g is None:
         return None
     cells = g.cell_rows()
+    held = ev.heldout_frame(cells, g.variants)
     diag = ev.diagnostics_frame(cells, g.variants)
-    if diag.empty:
+    if diag.empty and held.empty:
         return None
-    path, link = _figure(r, "AUC on novel pixel pairs during training", "similarity_auc.png")
-    ev.plot_diagnostics(diag, path)
-    return Section("Similarity diagnostics", ev.diagnostics_markdown(diag) + "\n" + link,
-                   {"Similarity diagnostics": path})
+    parts, figures = [], {}
+    if not held.empty:
+        parts.append(ev.heldout_markdown(held, r.novel_masks))
+    if not diag.empty:
+        path, link = _figure(r, "AUC on novel pixel pairs during training", "similarity_auc.png")
+        ev.plot_diagnostics(diag, path)
+        figures["Similarity diagnostics"] = path
+        parts.append("### During training (one training batch per logged step)\n\n" + ev.diagnostics_markdown(diag)
+                     + "\n" + link)
+    return Section("Similarity diagnostics", "\n".join(parts), figures)
 
 
 def qualitative_section(r: Inputs) -> Section | None:
@@ -274,8 +296,8 @@ def qualitative_section(r: Inputs) -> Section | None:
 
 def sections(r: Inputs) -> list[Section]:
     found = [answer_section(r), metrics_section(r), baselines_section(r), split_section(r), per_class_section(r),
-             training_section(r), reference_section(r), retrain_section(r), ablation_section(r), paired_section(r),
-             sweep_section(r), diagnostics_section(r), qualitative_section(r), run_section(r)]
+             training_section(r), reference_section(r), retrain_section(r), ablation_section(r), verdict_section(r),
+             paired_section(r), sweep_section(r), diagnostics_section(r), qualitative_section(r), run_section(r)]
     return [s for s in found if s is not None]
 
 

@@ -246,3 +246,171 @@ def training_time_markdown(cells: pd.DataFrame, main_curve: pd.DataFrame | None 
                          f"{', '.join(map(str, sorted(threads))) or '–'} | "
                          f"{sum(times) / len(times):.0f} mean ({min(times):.0f}-{max(times):.0f}) |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- held-out similarity diagnostics
+# the keys of pipeline.engine.heldout.METRIC_KEYS (kept here: no torch in the report)
+HELDOUT_KINDS = (("novel", "novel"), ("novel_unlabelled", "novel vs unlabelled"), ("base", "base"))
+HELDOUT_SCORERS = (("simnet", "SimNet"), ("student", "student"), ("feature", "features"))
+HELDOUT_KEYS = tuple(f"heldout_auc_{s}_{k}" for s, _ in HELDOUT_SCORERS for k, _ in HELDOUT_KINDS)
+
+
+def heldout_frame(cells: pd.DataFrame, variants: Sequence[str] | None = None) -> pd.DataFrame:
+    """The held-out AUCs of the cells (``cell.json`` ``heldout``; cells written before it existed
+    are left out): ``variant, seed`` and the :data:`HELDOUT_KEYS` (NaN where a cell has none)."""
+    import json
+    rows = []
+    for r in cells.itertuples():
+        if variants is not None and r.variant not in variants:
+            continue
+        path = Path(r.cell_dir) / "cell.json"
+        held = json.loads(path.read_text()).get("heldout") if path.is_file() else None
+        if not held:
+            continue
+        rows.append({"variant": r.variant, "seed": r.seed,
+                     **{k: float("nan") if held.get(k) is None else float(held[k]) for k in HELDOUT_KEYS}})
+    return pd.DataFrame(rows)
+
+
+def heldout_markdown(frame: pd.DataFrame, novel_masks: Mapping[str, str] | None = None) -> str:
+    """Per variant (in the frame's order), each scorer's held-out AUC on each kind of pair, mean ±
+    std over seeds; a variant whose training used novel masks is marked."""
+    if frame.empty:
+        return "No held-out similarity diagnostics in the cells (trained before they were recorded).\n"
+    novel_masks = novel_masks or {}
+    head = ["variant", "seeds"] + [f"{kl}: {sl}" for kk, kl in HELDOUT_KINDS for sk, sl in HELDOUT_SCORERS]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---|" * (len(head) - 2)]
+    for v, sub in frame.groupby("variant", sort=False):
+        name = f"{v} (uses novel masks: {novel_masks[v]})" if v in novel_masks else v
+        vals = []
+        for kk, _ in HELDOUT_KINDS:
+            for sk, _ in HELDOUT_SCORERS:
+                col = sub[f"heldout_auc_{sk}_{kk}"].astype(float)
+                m, s = col.mean(), col.std(ddof=1) if col.notna().sum() > 1 else float("nan")
+                vals.append("n/a" if math.isnan(m) else f"{m:.3f}" + ("" if math.isnan(s) else f" ± {s:.3f}"))
+        lines.append(f"| {name} | {len(sub)} | " + " | ".join(vals) + " |")
+    return ("After training, on the same 10^5 test pixel pairs for every cell (fixed seed; half within one image, "
+            "half across two; mask-feature resolution), the AUC of ranking *same class* above *different*: "
+            "**novel** = same novel class against two novel classes, **novel vs unlabelled** = same novel class "
+            "against a novel pixel with an unlabelled (255) one, **base** = same against different base class. "
+            "Scorers: SimNet (DistLoss's teacher), the student (ReLU cosine of the novel score vectors, DistLoss's "
+            "student) and the plain cosine of the mask features SimNet reads. Mean ± std over seeds; 0.5 = chance. "
+            "DistLoss can teach the student only where SimNet's AUC exceeds the student's; SimNet adds something "
+            "over the features only where its AUC exceeds theirs.\n\n" + "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- does similarity transfer help?
+ENDPOINT = ("full", "pp0")                      # DistLoss on vs off; both train SimLoss
+HEADROOM = ("full_oracle_teacher", "pp0")       # a perfect teacher vs DistLoss off (uses novel masks)
+ENDPOINT_METRIC = "mIoU_novel"
+
+
+def paired_diffs(cells: pd.DataFrame, a: str, b: str, metric: str = ENDPOINT_METRIC) -> dict[int, float]:
+    """``{seed: a - b}`` of ``metric`` over the seeds where both variants have a finite value."""
+    va = cells.loc[cells["variant"] == a].set_index("seed")[metric].astype(float)
+    vb = cells.loc[cells["variant"] == b].set_index("seed")[metric].astype(float)
+    both = sorted(s for s in set(va.index) & set(vb.index) if math.isfinite(va[s]) and math.isfinite(vb[s]))
+    return {int(s): float(va[s] - vb[s]) for s in both}
+
+
+def per_class_diffs(cells: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """Per novel class: ``id, name, diff`` = the mean over seeds of IoU(a) - IoU(b) (seeds where the
+    class has an IoU in both cells), ``seeds`` = how many; classes with none left out."""
+    from .ablation import _read_per_class
+    iou: dict[tuple[str, int], pd.Series] = {}
+    names: dict[int, str] = {}
+    for r in cells.loc[cells["variant"].isin([a, b])].itertuples():
+        pc = _read_per_class(Path(r.cell_dir) / "per_class_iou.csv")
+        pc = pc.loc[pc["split"].astype(str) == "novel"]
+        names.update(zip(pc["id"].astype(int), pc["name"].astype(str)))
+        iou[(r.variant, int(r.seed))] = pc.set_index(pc["id"].astype(int))["iou"].astype(float)
+    seeds = sorted({s for v, s in iou if v == a} & {s for v, s in iou if v == b})
+    rows = []
+    for cid in sorted(names):
+        d = [iou[(a, s)].get(cid, float("nan")) - iou[(b, s)].get(cid, float("nan")) for s in seeds]
+        d = [x for x in d if math.isfinite(x)]
+        if d:
+            rows.append({"id": cid, "name": names[cid], "diff": sum(d) / len(d), "seeds": len(d)})
+    return pd.DataFrame(rows, columns=["id", "name", "diff", "seeds"])
+
+
+_ANSWER = {"resolved_up": "**Yes, here:** similarity transfer raises novel mIoU (the corrected interval lies above 0)",
+           "resolved_down": "**No, it hurts here:** similarity transfer lowers novel mIoU (the corrected interval "
+                            "lies below 0)",
+           "equivalent": "**No difference that matters:** the corrected interval lies inside ±{m:g} points",
+           "unresolved": "**Not settled:** the corrected interval is too wide to tell a gain, a loss or no difference "
+                         "(±{m:g} points) apart"}
+
+
+def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, str] | None = None,
+                                data_setting: str = "") -> str | None:
+    """The report's "Does similarity transfer help?" section: None unless the grid has the
+    :data:`ENDPOINT` variants. Endpoint novel mIoU ``full - pp0`` paired by seed with its verdict
+    (:func:`pipeline.report.verdict.verdict`, Bonferroni over the comparisons stated here), the
+    headroom control (:data:`HEADROOM`, labelled as using novel masks) when present, the pairs
+    needed for 80% power on a 3-point effect from this grid's paired SD, the held-out AUCs, a
+    per-class sign test and the data setting."""
+    from .verdict import EQUIVALENCE_MARGIN, TARGET_EFFECT, TARGET_POWER, pairs_for_power, sign_test, verdict
+    have = set(cells["variant"])
+    if not set(ENDPOINT) <= have:
+        return None
+    novel_masks = novel_masks or {}
+    rows = [(ENDPOINT, "endpoint: similarity transfer (DistLoss with SimNet's teacher) on vs off")]
+    if HEADROOM[0] in have:
+        rows.append((HEADROOM, "headroom control: a perfect teacher (the true pair relation; **uses novel masks**, "
+                               "a diagnostic, not a weak-shot result) vs DistLoss off"))
+    k = len(rows)
+    results = []
+    lines = ["| comparison | what | pairs (seeds) | mean | CI | verdict |", "|---|---|---|---|---|---|"]
+    for (a, b), what in rows:
+        d = paired_diffs(cells, a, b)
+        v = verdict(list(d.values()), comparisons=k)
+        results.append(v)
+        ci = f"[{_f(v['ci_low'])}, {_f(v['ci_high'])}] ({v['level']:.1%})"
+        lines.append(f"| {a} − {b} | {what} | {v['n']} | {_f(v['mean'])} | {ci} | `{v['verdict']}` |")
+    end = results[0]
+    text = [f"Endpoint: **novel mIoU, `{ENDPOINT[0]}` − `{ENDPOINT[1]}`**, paired by seed (the two train the same "
+            "model with SimLoss; only DistLoss, the transfer of SimNet's similarity to the novel masks, differs). "
+            f"Intervals: two-sided t, Bonferroni-corrected for the {k} comparison{'s' if k > 1 else ''} of this "
+            f"section. Verdicts: `resolved_up` / `resolved_down` when the interval excludes 0, `equivalent` when it "
+            f"lies inside ±{EQUIVALENCE_MARGIN:g} points, `unresolved` otherwise.", "", *lines,
+            _ANSWER[end["verdict"]].format(m=EQUIVALENCE_MARGIN)
+            + (f" (by {_f(end['mean'])} points, within the ±{EQUIVALENCE_MARGIN:g}-point margin)"
+               if end["verdict"].startswith("resolved") and end["within_margin"] else "") + "."]
+    if end["n"] >= 2 and math.isfinite(end["sd"]):
+        need = pairs_for_power(end["sd"], TARGET_EFFECT, TARGET_POWER, comparisons=k)
+        text.append(f"Sample size: with this grid's paired SD of {_f(end['sd'])} points, a {TARGET_EFFECT:g}-point "
+                    f"effect needs **{need} pairs** for {TARGET_POWER:.0%} power (two-sided paired t, alpha 0.05/{k}); "
+                    f"the grid has {end['n']}.")
+    else:
+        text.append("Sample size: fewer than 2 pairs, so no paired SD to plan from: add seeds (`ablation.seeds`).")
+    if len(results) > 1:
+        head = results[1]
+        if head["verdict"] == "resolved_up" and end["verdict"] != "resolved_up":
+            text.append("Headroom: a perfect teacher does raise novel mIoU on this data, SimNet's teacher has not been "
+                        "shown to: the headroom exists, the transfer does not (yet) deliver it.")
+        elif head["verdict"] == "resolved_up":
+            text.append("Headroom: a perfect teacher raises novel mIoU too; compare the two means for how much of the "
+                        "headroom SimNet's teacher delivers.")
+        else:
+            text.append(f"Headroom: even a perfect teacher gives no resolved gain (`{head['verdict']}`): on this data "
+                        "pixel-pair similarity has little to add, so it cannot test the paper's claim.")
+    else:
+        text.append(f"Headroom: no `{HEADROOM[0]}` cells in the grid (add it to `ablation.run` to measure what a "
+                    "perfect teacher would give).")
+    text = text[:-3] + [x for t in text[-3:] for x in ("", t)]     # answer, sample size, headroom: paragraphs
+    pcd = per_class_diffs(cells, *ENDPOINT)
+    st = sign_test(pcd["diff"])
+    text += ["", f"Per novel class (IoU of `{ENDPOINT[0]}` − `{ENDPOINT[1]}`, mean over seeds): {st['up']} up, "
+             f"{st['down']} down, {st['ties']} tied; exact two-sided sign test p = {_f(st['p_value'], 3)}.", ""]
+    if not pcd.empty:
+        text += ["| novel class | Δ IoU | seeds |", "|---|---|---|"]
+        text += [f"| {r.name} | {r.diff:+.1f} | {r.seeds} |" for r in pcd.itertuples()]
+    shown = [v for v in (ENDPOINT[1], ENDPOINT[0], HEADROOM[0]) if v in have]
+    held = heldout_frame(cells, shown)
+    if not held.empty:
+        held = held.set_index("variant").loc[[v for v in shown if v in set(held["variant"])]].reset_index()
+    text += ["", "Held-out pixel-pair AUCs of these variants:", "", heldout_markdown(held, novel_masks).rstrip()]
+    if data_setting:
+        text += ["", f"Data setting: {data_setting}."]
+    return "\n".join(text) + "\n"
