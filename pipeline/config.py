@@ -28,6 +28,7 @@ PP_PAIRINGS = ("cross_image", "within_image")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 FREEZE = ("none", "backbone", "encoder")
 TRANSFORMER_IN = ("res5", "pixel_embedding")
+EXECUTORS = ("local", "slurm")
 # train.* keys that only say how a run is launched (processes, nodes, rendezvous): they are
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
@@ -199,6 +200,19 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """How each grid cell is requested from Slurm (``ablation.executor: slurm``; docs/CLUSTER.md)."""
+    partition: str = _spec(help="partition the cells are submitted to ('' = the cluster's default partition)")
+    gpus_per_cell: int = _spec(lo=0, help="GPUs per cell (--gpus-per-node; 0 = none)")
+    cpus_per_cell: int = _spec(lo=1, help="CPU cores per cell (--cpus-per-task); the cell's torch threads when "
+                                          "train.threads is 0")
+    mem_gb: int = _spec(lo=0, help="memory per cell in GB (--mem; 0 = the partition's default)")
+    time_min: int = _spec(lo=1, help="time limit of a cell in minutes (--time); a cell reaching it is "
+                                     "requeued and resumes from its checkpoint")
+    array_parallelism: int = _spec(lo=1, help="cells of the job array running at once (--array=0-N%P)")
+
+
+@dataclass(frozen=True)
 class AblationConfig:
     """The ablation grid: variants (name -> overrides on top of the main params) x seeds
     (cells: :meth:`cells`; a cell's params: :func:`pipeline.ablation.cell_params`)."""
@@ -207,6 +221,9 @@ class AblationConfig:
     workers: int = _spec(lo=1, help="cells trained at once, each in its own process")
     run: tuple[str, ...] = _spec(help="the variants trained, in this order (names of ablation.variants)")
     variants: dict = _spec(help="variant name -> overrides on top of the params above")
+    executor: str = _spec(choices=EXECUTORS, help="where the cells run: local (ablation.workers processes on this "
+                                                  "machine) or slurm (one job array, ablation.slurm)")
+    slurm: SlurmConfig = _spec(help="the Slurm request of each cell (ablation.executor: slurm; docs/CLUSTER.md)")
 
     @property
     def trained(self) -> dict[str, dict]:
@@ -481,9 +498,12 @@ def describe(raw: Mapping[str, Any]) -> str:
         lines += [f"{gname}:"] + group(gtp, raw.get(gname), "  ")
     values = raw.get("ablation") if isinstance(raw.get("ablation"), Mapping) else {}
     lines.append("ablation:")
+    hints = typing.get_type_hints(AblationConfig)
     for f in dataclasses.fields(AblationConfig):
         v, help_ = values.get(f.name, missing), f.metadata.get("help", "")
-        if isinstance(v, Mapping):          # ablation.variants: one line per variant
+        if dataclasses.is_dataclass(hints[f.name]):     # ablation.slurm: its keys with their help
+            lines += [f"  {f.name}:  {help_}"] + group(hints[f.name], v, "    ")
+        elif isinstance(v, Mapping):          # ablation.variants: one line per variant
             lines += [f"  {f.name}:  {help_}"] + [f"    {k}: {json.dumps(x)}" for k, x in v.items()]
         else:
             lines.append(f"  {f.name}: {'(missing)' if v is missing else json.dumps(v)}  {help_}")
