@@ -167,8 +167,10 @@ class TrainConfig:
     nproc_per_node: int = _spec(lo=1, help="training processes per node (one per GPU); > 1 (or nnodes > 1) "
                                            "launches torchrun")
     nnodes: int = _spec(lo=1, help="nodes taking part (run the stage on each, with its node_rank)")
-    node_rank: int = _spec(lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr)")
-    master_addr: str = _spec(help="address of node 0, reachable from every node")
+    node_rank: int = _spec(lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr); under "
+                                      "Slurm Slurm's SLURM_NODEID instead")
+    master_addr: str = _spec(help="address of node 0, reachable from every node; under Slurm the first host "
+                                  "of SLURM_JOB_NODELIST instead")
     master_port: int = _spec(lo=1, hi=65535, help="free TCP port on node 0 for the rendezvous")
     dist_backend: str = _spec(choices=DIST_BACKENDS, help="process group backend (auto = nccl on CUDA, "
                                                           "else gloo)")

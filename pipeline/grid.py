@@ -234,6 +234,8 @@ def run_cell(job: CellJob) -> dict:
                                   diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
                                                                p.loss.oracle))
             history = result.history
+            if result.resumed_from:
+                print(f"cell {job.key}: resumed from its checkpoint at step {result.resumed_from}", flush=True)
         model.eval()
         summary, per_class, _ = evaluate_model(model, job.dataset_dir, index, split, p, device, progress=job.progress)
         metrics = {k: v for k, v in summary.items() if k in SUMMARY_KEYS}
