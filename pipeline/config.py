@@ -31,6 +31,7 @@ PP_TEACHERS = ("simnet", "oracle")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 FREEZE = ("none", "backbone", "encoder")
 TRANSFORMER_IN = ("res5", "pixel_embedding")
+EXECUTORS = ("local", "slurm")
 # train.* keys that only say how a run is launched (processes, nodes, rendezvous): they are
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
@@ -177,8 +178,10 @@ class TrainConfig:
     nproc_per_node: int = _spec(lo=1, help="training processes per node (one per GPU); > 1 (or nnodes > 1) "
                                            "launches torchrun")
     nnodes: int = _spec(lo=1, help="nodes taking part (run the stage on each, with its node_rank)")
-    node_rank: int = _spec(lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr)")
-    master_addr: str = _spec(help="address of node 0, reachable from every node")
+    node_rank: int = _spec(lo=0, help="this node's rank, 0 .. nnodes - 1 (node 0 hosts master_addr); under "
+                                      "Slurm Slurm's SLURM_NODEID instead")
+    master_addr: str = _spec(help="address of node 0, reachable from every node; under Slurm the first host "
+                                  "of SLURM_JOB_NODELIST instead")
     master_port: int = _spec(lo=1, hi=65535, help="free TCP port on node 0 for the rendezvous")
     dist_backend: str = _spec(choices=DIST_BACKENDS, help="process group backend (auto = nccl on CUDA, "
                                                           "else gloo)")
@@ -210,6 +213,19 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """How each grid cell is requested from Slurm (``ablation.executor: slurm``; docs/CLUSTER.md)."""
+    partition: str = _spec(help="partition the cells are submitted to ('' = the cluster's default partition)")
+    gpus_per_cell: int = _spec(lo=0, help="GPUs per cell (--gpus-per-node; 0 = none)")
+    cpus_per_cell: int = _spec(lo=1, help="CPU cores per cell (--cpus-per-task); the cell's torch threads when "
+                                          "train.threads is 0")
+    mem_gb: int = _spec(lo=0, help="memory per cell in GB (--mem; 0 = the partition's default)")
+    time_min: int = _spec(lo=1, help="time limit of a cell in minutes (--time); a cell reaching it is "
+                                     "requeued and resumes from its checkpoint")
+    array_parallelism: int = _spec(lo=1, help="cells of the job array running at once (--array=0-N%P)")
+
+
+@dataclass(frozen=True)
 class AblationConfig:
     """The ablation grid: variants (name -> overrides on top of the main params) x seeds
     (cells: :meth:`cells`; a cell's params: :func:`pipeline.ablation.cell_params`)."""
@@ -218,6 +234,9 @@ class AblationConfig:
     workers: int = _spec(lo=1, help="cells trained at once, each in its own process")
     run: tuple[str, ...] = _spec(help="the variants trained, in this order (names of ablation.variants)")
     variants: dict = _spec(help="variant name -> overrides on top of the params above")
+    executor: str = _spec(choices=EXECUTORS, help="where the cells run: local (ablation.workers processes on this "
+                                                  "machine) or slurm (one job array, ablation.slurm)")
+    slurm: SlurmConfig = _spec(help="the Slurm request of each cell (ablation.executor: slurm; docs/CLUSTER.md)")
 
     @property
     def trained(self) -> dict[str, dict]:
@@ -504,9 +523,12 @@ def describe(raw: Mapping[str, Any]) -> str:
         lines += [f"{gname}:"] + group(gtp, raw.get(gname), "  ")
     values = raw.get("ablation") if isinstance(raw.get("ablation"), Mapping) else {}
     lines.append("ablation:")
+    hints = typing.get_type_hints(AblationConfig)
     for f in dataclasses.fields(AblationConfig):
         v, help_ = values.get(f.name, missing), f.metadata.get("help", "")
-        if isinstance(v, Mapping):          # ablation.variants: one line per variant
+        if dataclasses.is_dataclass(hints[f.name]):     # ablation.slurm: its keys with their help
+            lines += [f"  {f.name}:  {help_}"] + group(hints[f.name], v, "    ")
+        elif isinstance(v, Mapping):          # ablation.variants: one line per variant
             lines += [f"  {f.name}:  {help_}"] + [f"    {k}: {json.dumps(x)}" for k, x in v.items()]
         else:
             lines.append(f"  {f.name}: {'(missing)' if v is missing else json.dumps(v)}  {help_}")

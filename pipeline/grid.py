@@ -14,7 +14,15 @@ masks (the oracle teacher, the fully supervised oracle) is tagged ``diagnostic: 
 Cells train ``workers`` at a time, each in its own spawned process with a fixed number of torch
 threads (:func:`pipeline.jobs.run_parallel`), so a cell's result never depends on which cells run
 beside it: it is bit-identical on one machine for the same threads (cell.json and the MLflow tag
-``torch_threads`` record them). The longest cells start first.
+``torch_threads`` record them). The longest cells start first. Why not submitit's LocalExecutor:
+it starts every submitted job at once (4 jobs of a 4-job ``map_array`` all started within 1.6 s,
+measured), so it has no ``workers`` limit nor start order, and every job costs two extra Python
+processes and pickles in a folder; the pool keeps both guarantees and already streams results,
+stops the others on the first failure and on Ctrl-C / SIGTERM.
+
+``ablation.executor: slurm``: the same cells as one Slurm job array through submitit
+(:mod:`pipeline.executor`), each writing ``job.out`` on the shared filesystem; without an MLflow
+server the cells log nothing and the stage logs the gathered outputs (:func:`log_gathered_cell`).
 
 MLflow: each cell's run is found again by params hash, so running again never duplicates it.
 A finished run is history: it is reopened only to re-evaluate the finished checkpoint it
@@ -86,6 +94,8 @@ def plan_cells(main: Params, main_raw: Mapping[str, Any], grid: AblationConfig, 
     ``only``: cell keys (``<variant>-<seed>``) to run instead of the whole grid (an unknown key is a
     ValueError naming the grid's cells). Threads per cell: ``train.threads``, else ``cores //
     workers`` (0 when one cell runs at a time: the fair share of :class:`pipeline.jobs.CoreShare`).
+    With ``ablation.executor: slurm``: ``workers`` is ``ablation.slurm.array_parallelism`` and the
+    threads ``train.threads`` or ``ablation.slurm.cpus_per_cell``.
     Returns ``(jobs, workers, threads)``.
     """
     cells = grid.cells()
@@ -95,8 +105,12 @@ def plan_cells(main: Params, main_raw: Mapping[str, Any], grid: AblationConfig, 
         if unknown:
             raise ValueError(f"--cell {unknown[0]!r} is not a cell of the grid; cells: {', '.join(keys)}")
         cells = [keys[c] for c in dict.fromkeys(only)]
-    workers = min(grid.workers, len(cells))
-    threads = main.train.threads or (0 if workers == 1 else max(1, cores // workers))
+    if grid.executor == "slurm":    # each cell on its own allocation of ablation.slurm.cpus_per_cell cores
+        workers = min(grid.slurm.array_parallelism, len(cells))
+        threads, progress = main.train.threads or grid.slurm.cpus_per_cell, False
+    else:
+        workers = min(grid.workers, len(cells))
+        threads = main.train.threads or (0 if workers == 1 else max(1, cores // workers))
     jobs = []
     for v, s in cells:
         p = cell_params(main_raw, grid, v, s)
@@ -110,10 +124,76 @@ def plan_cells(main: Params, main_raw: Mapping[str, Any], grid: AblationConfig, 
     return jobs, workers, threads
 
 
-def run_cells(jobs: list[CellJob], workers: int, on_done: Callable[[CellJob, dict], None] | None = None) -> list[dict]:
-    """:func:`run_cell` for every job, ``workers`` at a time (spawned processes); results in job order."""
+def run_cells(jobs: list[CellJob], workers: int, on_done: Callable[[CellJob, dict], None] | None = None,
+              grid: AblationConfig | None = None, folder: Path | None = None) -> list[dict]:
+    """:func:`run_cell` for every job; results in job order, ``on_done(job, result)`` here as each ends.
+
+    ``ablation.executor: local`` (or no ``grid``): ``workers`` at a time in spawned processes
+    (:func:`pipeline.jobs.run_parallel`; the first failure stops the others). ``slurm``: one job
+    array through submitit, its files under ``folder`` (:func:`pipeline.executor.run_cells_slurm`).
+    """
+    if grid is not None and grid.executor == "slurm":
+        from .executor import run_cells_slurm
+        if folder is None:
+            raise ValueError("the Slurm executor needs a folder on the shared filesystem for its job files")
+        return run_cells_slurm(jobs, grid.slurm, folder, on_done)
     from .jobs import run_parallel
     return run_parallel(run_cell, jobs, workers, on_done)
+
+
+def log_gathered_cell(job: CellJob) -> str | None:
+    """Log a cell that ran elsewhere (a Slurm node, ``job.mlflow`` False) to MLflow from here, from
+    its outputs in ``job.out``: what :func:`run_cell` logs itself (params, the training curve, the
+    model, the metrics and tags), into the run of its params hash. Running it again logs nothing
+    twice: metrics are logged last, and a run that has them all is left as it is. A finished run
+    of these params that recorded other metrics stays as it is and the cell gets a new run
+    (tagged ``differs_from_run_id``), like :func:`run_cell`. The run id is written into cell.json.
+    Returns the run id."""
+    import contextlib
+    import math
+
+    import pandas as pd
+
+    from .data.dataset import input_example
+    from .io import read_json, write_json
+    from .tracking import metric_key, open_tracker
+
+    cell = read_json(job.out / "cell.json")
+    metrics = {k: v for k, v in read_json(job.out / "metrics.json").items() if v is not None}
+    facts = {k: v for k, v in cell.items() if k not in ("variant", "seed", "params_hash", "shared_with_main",
+                                                        "iterations", "torch_threads", "run_id")}
+    tags = {"stage": "ablate", "variant": job.variant, "seed": str(job.seed)}
+    name = f"{job.variant}-seed{job.seed}"
+    with contextlib.ExitStack() as runs:
+        tracker = runs.enter_context(open_tracker(job.params, job.params_text, tags, name, include_finished=True))
+        logged = tracker.client.get_run(tracker.run_id).data.metrics
+        if any(metric_key(k) in logged and logged[metric_key(k)] != v for k, v in metrics.items()):
+            old = tracker.run_id
+            tracker = runs.enter_context(open_tracker(job.params, job.params_text,
+                                                      {**tags, "differs_from_run_id": old}, name))
+            logged = {}
+            print(f"cell {job.key}: the finished MLflow run {old} of these params recorded other metrics; "
+                  f"logging to a new run {tracker.run_id}")
+        missing = {k: v for k, v in metrics.items() if metric_key(k) not in logged}
+        if missing:
+            if not job.shared and len(missing) == len(metrics):      # nothing of this cell logged yet
+                curve = job.out / "curve.csv"
+                history = pd.read_csv(curve).to_dict("records") if curve.stat().st_size > 1 else []
+                for rec in history:
+                    step = rec.get("step")
+                    tracker.log_metrics({k: v for k, v in rec.items() if k != "step"},
+                                        step=None if step is None or math.isnan(step) else int(step))
+                index = read_json(job.split_dir / "index.json")
+                tracker.set_tags({"torch_threads": str(cell.get("torch_threads") or "default"),
+                                  "executor": "slurm"})
+                tracker.log_model(job.out / "model.pt", input_example(job.dataset_dir, index))
+            tracker.set_tags({"variant": job.variant, "seed": str(job.seed),
+                              **{f"eval.{k}": v for k, v in facts.items()}})
+            tracker.log_metrics(missing)
+        run_id = tracker.run_id
+    if cell.get("run_id") != run_id:
+        write_json(job.out / "cell.json", {**cell, "run_id": run_id})
+    return run_id
 
 
 def run_cell(job: CellJob) -> dict:
@@ -166,6 +246,8 @@ def run_cell(job: CellJob) -> dict:
                                   diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
                                                                p.loss.oracle))
             history, simnet = result.history, result.simnet
+            if result.resumed_from:
+                print(f"cell {job.key}: resumed from its checkpoint at step {result.resumed_from}", flush=True)
         model.eval()
         # the same fixed test pixel pairs for every cell (pipeline/engine/heldout.py), gathered from the
         # evaluation's own forward passes

@@ -10,7 +10,9 @@ train.threads 0 the CPU cores are shared among the trainings running on the mach
 
 Multi-GPU / multi-node: with train.nproc_per_node x train.nnodes > 1 the stage re-launches
 itself under torchrun (DistributedDataParallel, train.batch_size is the global batch); rank 0
-alone logs to MLflow and writes the model, the curve and the checkpoints.
+alone logs to MLflow and writes the model, the curve and the checkpoints. Inside a Slurm job
+(one `srun` task per node) the node rank and master address come from Slurm's environment
+(SLURM_NODEID, the first host of SLURM_JOB_NODELIST): docs/CLUSTER.md.
 """
 from __future__ import annotations
 
@@ -109,11 +111,17 @@ def params_help(argv: list[str] | None = None) -> str:
     return f"params keys, with the values in force in '{path}':\n" + describe(raw if isinstance(raw, dict) else {})
 
 
-def torchrun_argv(p, argv: list[str]) -> list[str]:
-    """``python -m torch.distributed.run ... -m stages.train argv...`` for this node (train.*)."""
-    from pipeline.engine.distributed import launch_argv
+def torchrun_argv(p, argv: list[str], env=None) -> list[str]:
+    """``python -m torch.distributed.run ... -m stages.train argv...`` for this node (train.*; under
+    Slurm with train.nnodes > 1 the node rank and master address come from Slurm's environment:
+    pipeline.engine.distributed.node_placement)."""
+    from pipeline.engine.distributed import launch_argv, node_placement
     t = p.train
-    return launch_argv(t.nproc_per_node, t.nnodes, t.node_rank, t.master_addr, t.master_port, "stages.train", argv)
+    node_rank, master_addr, source = node_placement(t.nnodes, t.node_rank, t.master_addr, env)
+    if source == "slurm":
+        print(f"Slurm: node rank {node_rank} of {t.nnodes}, master {master_addr}:{t.master_port} (from SLURM_NODEID "
+              "and SLURM_JOB_NODELIST; train.node_rank and train.master_addr are not used)", file=sys.stderr)
+    return launch_argv(t.nproc_per_node, t.nnodes, node_rank, master_addr, t.master_port, "stages.train", argv)
 
 
 def relaunch(cmd: list[str]) -> int:

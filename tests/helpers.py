@@ -76,7 +76,7 @@ def tiny_params() -> dict:
                 p[group][k].update(v)
             else:
                 p[group][k] = v
-    p["ablation"] = TINY_ABLATION
+    p["ablation"] = {**TINY_ABLATION, "executor": "local", "slurm": p["ablation"]["slurm"]}
     return p
 
 

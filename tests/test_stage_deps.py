@@ -260,7 +260,8 @@ def stage_runs(request, tmp_path_factory) -> dict:
     raw["model"]["pretrained"] = "weak_shot"            # the pretrain stage's weights reach train / ablate / retrain
     raw["pretrain"].update({"iterations": 2, "batch_size": 2})
     raw["ablation"] = {"seeds": [6], "iterations": 2, "workers": 1, "run": ["baseline"],
-                       "variants": {"baseline": raw["ablation"]["variants"]["baseline"]}}
+                       "variants": {"baseline": raw["ablation"]["variants"]["baseline"]},
+                       "executor": "local", "slurm": raw["ablation"]["slurm"]}
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "HARNESS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}

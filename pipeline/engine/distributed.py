@@ -199,6 +199,74 @@ def launch_argv(nproc_per_node: int, nnodes: int, node_rank: int, master_addr: s
             "-m", module, *map(str, argv)]
 
 
+SLURM_ENV = ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_NNODES", "SLURM_JOB_NODELIST")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (``gpu[07-09,12],cpu1`` -> ``gpu07``), without Slurm:
+    what ``scontrol show hostnames`` prints first."""
+    nodelist = nodelist.strip()
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):            # the first item of the top-level comma list
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    item = nodelist[:end]
+    while "[" in item:                          # each bracket: its first number (zero padding kept)
+        pre, rest = item.split("[", 1)
+        inside, post = rest.split("]", 1)
+        first = inside.split(",", 1)[0].split("-", 1)[0]
+        item = pre + first + post
+    if not item:
+        raise ValueError(f"empty Slurm node list {nodelist!r}")
+    return item
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of ``nodelist`` from ``scontrol show hostnames`` (the parser above when
+    scontrol is not on PATH)."""
+    import shutil
+    import subprocess
+    if shutil.which("scontrol"):
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+        hosts = r.stdout.split()
+        if r.returncode == 0 and hosts:
+            return hosts[0]
+    return first_host(nodelist)
+
+
+def node_placement(nnodes: int, node_rank: int, master_addr: str, env: Mapping[str, str] | None = None,
+                   first=slurm_first_host) -> tuple[int, str, str]:
+    """This node's rank and the rendezvous host of a training over ``nnodes`` nodes:
+    ``(node_rank, master_addr, source)``.
+
+    Under Slurm (``SLURM_JOB_ID`` set) with ``nnodes > 1`` they come from Slurm's environment, one
+    ``srun`` task per node: ``SLURM_NODEID`` and the first host of ``SLURM_JOB_NODELIST``; the job
+    must have ``nnodes`` nodes (``SLURM_NNODES``). ``train.node_rank`` and ``train.master_addr``
+    are then not used (source ``slurm``). Elsewhere, or on one node, the params' (source ``params``).
+    """
+    env = os.environ if env is None else env
+    if nnodes <= 1 or not env.get("SLURM_JOB_ID"):
+        return node_rank, master_addr, "params"
+    missing = [k for k in SLURM_ENV if not env.get(k, "").strip()]
+    if missing:
+        raise RuntimeError(f"train.nnodes is {nnodes} inside Slurm job {env['SLURM_JOB_ID']}, but "
+                           f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start the stage "
+                           "once per node with srun (docs/CLUSTER.md)")
+    try:
+        nodes, rank = int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"])
+    except ValueError:
+        raise RuntimeError(f"Slurm's SLURM_NNODES {env['SLURM_NNODES']!r} / SLURM_NODEID {env['SLURM_NODEID']!r} "
+                           "are not integers") from None
+    if nodes != nnodes:
+        raise RuntimeError(f"train.nnodes is {nnodes} but Slurm job {env['SLURM_JOB_ID']} has {nodes} nodes "
+                           f"(SLURM_NNODES): ask sbatch for --nodes={nnodes}, or set train.nnodes: {nodes}")
+    if not 0 <= rank < nodes:
+        raise RuntimeError(f"Slurm's SLURM_NODEID {rank} is outside 0 .. {nodes - 1}")
+    return rank, first(env["SLURM_JOB_NODELIST"]), "slurm"
+
+
 def rank_device(device: torch.device) -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` on CUDA in a process group (made the current
     device), else ``device``."""
