@@ -29,7 +29,6 @@ works too); the results from submitit's result files in the job folder.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

@@ -30,7 +30,7 @@ def main() -> None:
 
     from pipeline.engine.device import resolve_device
     from pipeline.engine.evaluate import evaluate_model, load_trained
-    from pipeline.engine.metrics import SUMMARY_KEYS, confusion_pairs
+    from pipeline.engine.metrics import confusion_pairs
     from pipeline.io import read_json, write_csv, write_eval_outputs, write_npy
 
     device = resolve_device(p.eval.device, "eval.device")
