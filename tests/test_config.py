@@ -129,7 +129,6 @@ def test_yaml_exponent_strings_are_numbers_for_float_keys():
     assert build_params(file_params(raw)).train.lr == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match=r"params key 'train.iterations': expected an integer, got '1e3'"):
         build_params(file_params({"train": {"iterations": "1e3"}}))
-<<<<<<< HEAD
 
 
 # ============================================================================ validation of every group
@@ -207,5 +206,3 @@ def test_non_finite_float_params_rejected(bad):
     key = next(f"{g}.{k}" for g, v in bad.items() for k in v)
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*finite"):
         build_params(merge(small_params(), bad))
-=======
->>>>>>> takeover-docs
