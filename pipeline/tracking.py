@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
 UI_URL = "http://127.0.0.1:5000"        # where `make ui` serves the embedded store
-# Registry aliases (docs/MLFLOW_UI.md): every registered version gets LATEST; CHAMPION moves to a
-# version whose CHAMPION_METRIC (evaluate stage) beats the current champion's.
+# Registry aliases (docs/MLFLOW_UI.md): CHAMPION moves to a version whose CHAMPION_METRIC (evaluate
+# stage) beats the current champion's. LATEST is MLflow's own: 3.17 reserves the alias name "latest"
+# (set_registered_model_alias refuses it, in the SQL store and on a server) and resolves
+# models:/<name>@latest to the newest version by itself, so every new version has it at once.
 LATEST, CHAMPION, CHAMPION_METRIC = "latest", "champion", "mIoU_novel"
 
 
@@ -332,18 +334,13 @@ class RunTracker(contextlib.AbstractContextManager):
 
     def log_model(self, model_file, example, registered_name: str | None = None):
         """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
-        as ``registered_name`` when given; that version gets the alias :data:`LATEST`. Returns
-        MLflow's ``ModelInfo`` (None when logging failed and was warned about)."""
+        as ``registered_name`` when given (the newest version: ``models:/<name>@latest``, MLflow's
+        reserved alias). Returns MLflow's ``ModelInfo`` (None when logging failed and was warned about)."""
         from .serving import log_segmenter
         got = []
         ok = self._call("log_model", lambda *a: got.append(log_segmenter(*a)), self.client, self.experiment_id,
                         self.run_id, Path(model_file).resolve(), example, registered_name, fluent=True)
-        info = got[0] if ok and got else None
-        version = getattr(info, "registered_model_version", None) if info is not None else None
-        if registered_name and version is not None:
-            self._call(f"set alias {LATEST}", self.client.set_registered_model_alias, registered_name, LATEST,
-                       str(version))
-        return info
+        return got[0] if ok and got else None
 
     def promote(self, registered_name: str, value: float | None, metric: str = CHAMPION_METRIC) -> dict:
         """After evaluation: the registered versions of this run get ``metric`` as a version tag, and
@@ -483,7 +480,7 @@ def training_callbacks(tracker: RunTracker | None, cores):
 
 def log_trained_model(tracker: RunTracker | None, model_path, example_image, cores, register: bool):
     """The trained model as an MLflow model of the run (``example_image``: its input example),
-    registered under the experiment's name when ``register`` (alias ``latest``); and the torch
+    registered under the experiment's name when ``register`` (``@latest`` resolves to it); and the torch
     threads the training used (tag ``torch_threads``). Returns MLflow's ``ModelInfo`` or None."""
     if tracker is None:
         return None

@@ -15,8 +15,8 @@ MODEL is one of
   runs:/<run_id>/model         an MLflow artifact of a run
   <run_id>                     an MLflow run (32 hex digits): its logged model is searched
   models:/<name>/<version>     a registered MLflow model
-  models:/<name>@champion      the registered version holding an alias: champion (best novel mIoU
-                               of its dataset and split so far) or latest (docs/MLFLOW_UI.md)
+  models:/<name>@champion      the registered version with the best novel mIoU of its dataset and
+                               split so far; @latest: the newest version (docs/MLFLOW_UI.md)
 MLflow references are read from --tracking-uri, else $MLFLOW_TRACKING_URI, else this
 repository's store (sqlite:///<repo>/mlflow.db, the one the stages write).
 
