@@ -10,7 +10,8 @@ Inference is the evaluation's semantic inference (:func:`pipeline.model.semantic
 each image is resized like the test images of the model's params (``data.test_short_edge`` /
 ``data.test_max_edge``, or the values given; when the params set no cap, the long edge is capped
 at the training scale ``data.crop_size x data.scale_max``, :func:`training_max_edge`: an
-8000 x 6000 photo at full size took 12.6 GB and 259 s, reports/predict_memory.json), padded with zeros to a multiple of 32 and run
+8000 x 6000 photo at full size took 12.9 GB and 336 s, capped 1.7 GB and 46 s:
+reports/predict_memory.json), padded with zeros to a multiple of 32 and run
 through the model; the class scores are resampled bilinearly to the original image size
 (in strips of rows, so a large photo never holds a K x H x W map at once) and each pixel
 takes the class with the highest score, or 255 where that score is below ``min_score``
@@ -415,11 +416,12 @@ def overlay_with_legend(image: np.ndarray, label: np.ndarray, class_names: Seque
     canvas = np.full((max(h, panel_h), w + panel_w, 3), 255, np.uint8)
     rows = max(1, _STRIP_VALUES // max(1, 3 * w))          # blended in strips: no float copy of a big photo
     for r0 in range(0, h, rows):
-        over = image[r0:r0 + rows].astype(np.float32)
-        lab = label[r0:r0 + rows]
+        r1 = min(h, r0 + rows)                               # the canvas may be taller (legend)
+        over = image[r0:r1].astype(np.float32)
+        lab = label[r0:r1]
         known = (lab != IGNORE) & (lab < len(colors))
         over[known] = (1 - alpha) * over[known] + alpha * colors[lab[known]].astype(np.float32)
-        canvas[r0:r0 + rows, :w] = np.clip(np.rint(over), 0, 255).astype(np.uint8)
+        canvas[r0:r1, :w] = np.clip(np.rint(over), 0, 255).astype(np.uint8)
     entries: list[LegendEntry] = []
     for i, (r, t) in enumerate(zip(shares.itertuples(index=False), texts)):
         y0 = pad + i * row + (row - sw) // 2

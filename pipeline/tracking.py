@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 DB_NAME, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 INIT_LOCK_NAME = "mlflow.db-init.lock"  # matched by .gitignore's /mlflow.db-*
 UI_URL = "http://127.0.0.1:5000"        # where `make ui` serves the embedded store
-# The registry: CHAMPION (an alias) moves to a version whose CHAMPION_METRIC (evaluate stage) beats the
-# current champion's. The newest version needs no alias: MLflow reserves the alias name 'latest' (a
-# tracking server refuses it) and resolves `models:/<name>/latest` itself (LATEST).
+# Registry aliases (docs/MLFLOW_UI.md): CHAMPION moves to a version whose CHAMPION_METRIC (evaluate
+# stage) beats the current champion's. LATEST is MLflow's own: 3.17 reserves the alias name "latest"
+# (set_registered_model_alias refuses it, in the SQL store and on a server) and resolves
+# models:/<name>@latest to the newest version by itself, so every new version has it at once.
 LATEST, CHAMPION, CHAMPION_METRIC = "latest", "champion", "mIoU_novel"
 
 
@@ -333,8 +334,8 @@ class RunTracker(contextlib.AbstractContextManager):
 
     def log_model(self, model_file, example, registered_name: str | None = None):
         """The model file as an MLflow pyfunc model of this run (:mod:`pipeline.serving`), registered
-        as ``registered_name`` when given (``models:/<name>/latest`` is then this version). Returns
-        MLflow's ``ModelInfo`` (None when logging failed and was warned about)."""
+        as ``registered_name`` when given (the newest version: ``models:/<name>@latest``, MLflow's
+        reserved alias). Returns MLflow's ``ModelInfo`` (None when logging failed and was warned about)."""
         from .serving import log_segmenter
         got = []
         ok = self._call("log_model", lambda *a: got.append(log_segmenter(*a)), self.client, self.experiment_id,
@@ -414,12 +415,11 @@ def ui_links(root, experiment: str) -> dict | None:
         return None
     out = {"experiment_id": exp.experiment_id, "runs": runs_url(exp.experiment_id),
            "models": models_url(exp.experiment_id), "registry": registry_url(experiment)}
-    try:
-        out[CHAMPION] = client.get_model_version_by_alias(experiment, CHAMPION).version
-    except MlflowException:
-        out[CHAMPION] = None
-    versions = [int(v.version) for v in client.search_model_versions(f"name = '{experiment}'")]
-    out[LATEST] = str(max(versions)) if versions else None
+    for alias in (CHAMPION, LATEST):
+        try:
+            out[alias] = client.get_model_version_by_alias(experiment, alias).version
+        except MlflowException:
+            out[alias] = None
     return out
 
 
@@ -468,14 +468,6 @@ def open_tracker(p, params_text: str, tags: Mapping[str, Any], name: str, phash:
     return tracker
 
 
-def novel_mask_tags(p) -> dict[str, str]:
-    """``{"diagnostic": "uses novel masks (<what>)"}`` for a run whose training reads novel masks
-    (:func:`pipeline.config.novel_mask_use`: the oracle teacher, the fully supervised oracle), else {}."""
-    from .config import novel_mask_use
-    use = novel_mask_use(p)
-    return {"diagnostic": f"uses novel masks ({use})"} if use else {}
-
-
 def training_callbacks(tracker: RunTracker | None, cores):
     """``on_log`` of the training loop: forward a step's record to MLflow and re-share the CPU
     cores among the trainings running (:class:`pipeline.jobs.CoreShare`)."""
@@ -488,7 +480,7 @@ def training_callbacks(tracker: RunTracker | None, cores):
 
 def log_trained_model(tracker: RunTracker | None, model_path, example_image, cores, register: bool):
     """The trained model as an MLflow model of the run (``example_image``: its input example),
-    registered under the experiment's name when ``register`` (alias ``latest``); and the torch
+    registered under the experiment's name when ``register`` (``@latest`` resolves to it); and the torch
     threads the training used (tag ``torch_threads``). Returns MLflow's ``ModelInfo`` or None."""
     if tracker is None:
         return None

@@ -6,8 +6,9 @@ checked the way a user looks at them.
   digest is ``data/dataset``'s DVC hash from dvc.lock; system metrics are recorded;
 * the evaluation metrics are linked to the logged model (the Models tab) and the dataset;
 * the confusion-matrix and qualitative figures are artifacts of the training run;
-* ``models:/<name>/latest`` is the newest version (MLflow reserves the alias 'latest'); ``champion`` moves only to a better novel
-  mIoU; ``tools.predict --model models:/<name>@champion`` works;
+* ``@latest`` is the newest registered version (MLflow 3.17's reserved alias: it cannot be set,
+  it resolves by itself); ``champion`` moves only to a better novel mIoU; ``tools.predict
+  --model models:/<name>@champion`` and ``@latest`` work;
 * ``python -m tools.mlflow_ui`` (run by ``make ui``) prints the runs table's URL;
 * the relative artifact location of a freshly created store; one grid, one DVC experiment.
 """
@@ -32,7 +33,6 @@ from pipeline.tracking import (
     promote_version,
     sync_grid,
     tracking_uri,
-    ui_links,
 )
 from tests.conftest import ROOT
 from tests.support_tiny import make_tiny_data, run_stage, tiny_params, write_params
@@ -152,8 +152,8 @@ def test_aliases_latest_and_champion(trained):
     c, exp, runs = _main_runs(project)
     versions = {str(v.version): v for v in c.search_model_versions(f"name = '{EXP}'")}
     assert sorted(versions, key=int) == ["1", "2"]
-    assert ui_links(project, EXP)[LATEST] == "2"
-    assert not any(LATEST in v.aliases for v in versions.values())       # reserved by MLflow: never set
+    assert str(c.get_model_version_by_alias(EXP, LATEST).version) == "2"     # MLflow's reserved alias: the newest
+    assert set(c.get_registered_model(EXP).aliases) == {CHAMPION}             # nothing failed to set "latest"
     novel = [o["metrics"]["mIoU_novel"] for o in outs]
     expected = "2" if novel[1] > novel[0] else "1"
     assert str(c.get_model_version_by_alias(EXP, CHAMPION).version) == expected
@@ -171,6 +171,8 @@ def test_predict_accepts_the_champion_alias(trained, tmp_path):
     from pipeline.predict import resolve_model
     got = resolve_model(f"models:/{EXP}@{CHAMPION}", tmp_path / "dl", tracking_uri(project))
     assert got.read_bytes() == outs[champion - 1]["model"]
+    newest = resolve_model(f"models:/{EXP}@{LATEST}", tmp_path / "dl2", tracking_uri(project))
+    assert newest.read_bytes() == outs[1]["model"]
     image = tmp_path / "photo.png"
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
     r = subprocess.run([sys.executable, "-m", "tools.predict", "--model", f"models:/{EXP}@{CHAMPION}", "--out",

@@ -15,8 +15,8 @@ MODEL is one of
   runs:/<run_id>/model         an MLflow artifact of a run
   <run_id>                     an MLflow run (32 hex digits): its logged model is searched
   models:/<name>/<version>     a registered MLflow model
-  models:/<name>@champion      the registered version holding an alias: champion (best novel mIoU
-                               of its dataset and split so far) or latest (docs/MLFLOW_UI.md)
+  models:/<name>@champion      the registered version with the best novel mIoU of its dataset and
+                               split so far; @latest: the newest version (docs/MLFLOW_UI.md)
 MLflow references are read from --tracking-uri, else $MLFLOW_TRACKING_URI, else this
 repository's store (sqlite:///<repo>/mlflow.db, the one the stages write).
 
@@ -29,8 +29,9 @@ Memory: the long edge is capped by default. When the model's params set no cap
 (data.test_max_edge: 0, as the default params do) the cap is the training scale,
 data.crop_size x data.scale_max (160 px for the default params): the model never saw larger
 images, and the cost stays bounded. Uncapped (--max-edge 0), memory and time grow with the
-pixels: an 8000 x 6000 JPEG took 12.6 GB peak RSS and 259 s with the default model, capped
-about 1 GB (python -m tools.predict_benchmark; reports/predict_memory.json). Capping was
+pixels: an 8000 x 6000 JPEG took 12.9 GB peak RSS and 336 s with the default model, capped
+1.7 GB and 46 s (2 shared CPU cores; python -m tools.predict_benchmark writes
+reports/predict_memory.json). The outputs stay at the image's size either way. Capping was
 chosen over tiling because a tile at full resolution still shows objects at a scale the model
 never trained on, and tiling's time still grows with the pixels.
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
     if predictor.max_edge == 0:
         print("warning: --max-edge 0: images run at full size; memory and time grow with the pixels (an 8000 x "
-              "6000 photo took 12.6 GB and 259 s with the default model)", file=sys.stderr)
+              "6000 photo took 12.9 GB and 336 s with the default model, capped 1.7 GB and 46 s)", file=sys.stderr)
     elif not args.no_progress or args.max_edge is None:
         print(f"long edge capped at {predictor.max_edge} px ({predictor.max_edge_from}); --max-edge overrides",
               file=sys.stderr)

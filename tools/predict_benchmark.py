@@ -88,6 +88,7 @@ def main() -> None:
                          "repeatable (default: both)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the predict process (0: unset)")
     ap.add_argument("--out", type=Path, default=Path("reports/predict_memory.json"), help="JSON record to write")
+    ap.add_argument("--note", default="", help="a remark stored with the record (e.g. what else ran on the machine)")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     cases = args.case or ["uncapped", "default"]
@@ -122,7 +123,7 @@ def main() -> None:
                   "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
               "method": "peak RSS: getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper whose only child is the "
                         "predict process; seconds: wall time of that child (start-up and model load included)",
-              "cases": results}
+              **({"note": args.note} if args.note else {}), "cases": results}
     write_json(args.out, record)
     print(f"-> {args.out}")
 
