@@ -415,11 +415,12 @@ def ui_links(root, experiment: str) -> dict | None:
         return None
     out = {"experiment_id": exp.experiment_id, "runs": runs_url(exp.experiment_id),
            "models": models_url(exp.experiment_id), "registry": registry_url(experiment)}
-    for alias in (CHAMPION, LATEST):
-        try:
-            out[alias] = client.get_model_version_by_alias(experiment, alias).version
-        except MlflowException:
-            out[alias] = None
+    try:
+        out[CHAMPION] = client.get_model_version_by_alias(experiment, CHAMPION).version
+    except MlflowException:
+        out[CHAMPION] = None
+    versions = [int(v.version) for v in client.search_model_versions(f"name = '{experiment}'")]
+    out[LATEST] = str(max(versions)) if versions else None
     return out
 
 
@@ -466,6 +467,14 @@ def open_tracker(p, params_text: str, tags: Mapping[str, Any], name: str, phash:
     tracker.start(phash or params_hash(p), run_name(name), flatten(to_dict(p)), params_text, tags=tags,
                   include_finished=include_finished)
     return tracker
+
+
+def novel_mask_tags(p) -> dict[str, str]:
+    """``{"diagnostic": "uses novel masks (<what>)"}`` for a run whose training reads novel masks
+    (:func:`pipeline.config.novel_mask_use`: the oracle teacher, the fully supervised oracle), else {}."""
+    from .config import novel_mask_use
+    use = novel_mask_use(p)
+    return {"diagnostic": f"uses novel masks ({use})"} if use else {}
 
 
 def training_callbacks(tracker: RunTracker | None, cores):
