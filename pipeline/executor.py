@@ -204,8 +204,15 @@ def _run_array(todo: list[CellJob], cfg: SlurmConfig, folder: Path, results: dic
         while active:
             time.sleep(poll_s)
             queued = _queued([a["sub"].job_id for a in active.values()])
+            if queued is None:          # squeue did not answer: look again later
+                continue
             for key, a in list(active.items()):
                 sub, job = a["sub"], a["job"]
+                if sub.job_id in queued:
+                    # still queued or running, or requeued (preemption): a result file there may be a
+                    # stale one of the attempt before the requeue
+                    a["gone_since"] = None
+                    continue
                 if sub.paths.result_pickle.exists():
                     try:
                         result = sub.result()
@@ -215,9 +222,6 @@ def _run_array(todo: list[CellJob], cfg: SlurmConfig, folder: Path, results: dic
                     results[key] = result
                     del active[key]
                     done(job, result)
-                    continue
-                if queued is None or sub.job_id in queued:
-                    a["gone_since"] = None
                     continue
                 state = _state(sub.job_id)
                 a["gone_since"] = a["gone_since"] or time.monotonic()
