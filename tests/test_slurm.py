@@ -254,7 +254,7 @@ def test_the_slurm_grid_s_outputs_equal_the_local_grid_s(grids):
         ca, cb = pd.read_csv(a / "curve.csv").drop(columns=timing), pd.read_csv(b / "curve.csv").drop(columns=timing)
         assert len(ca) == ITERATIONS
         pd.testing.assert_frame_equal(ca, cb, check_exact=True)
-        ma, mb = torch.load(a / "model.pt", weights_only=False), torch.load(b / "model.pt", weights_only=False)
+        ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
         assert ma["params_hash"] == mb["params_hash"]
         assert ma["model"].keys() == mb["model"].keys()
         for name in ma["model"]:
