@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..io import write_json, write_text
 from . import ablation as ab
@@ -85,9 +87,36 @@ def _figure(r: Inputs, caption: str, name: str) -> tuple[Path, str]:
 KEY_DIFFERENCE = ("full", "+complementary")        # the paper's claim: the similarity losses add to CompLoss
 
 
+HEADLINE_VARIANT = "full"                          # the headline: this variant's mean over the grid's seeds
+HEADLINE_METRICS = (("mIoU_novel", "novel mIoU"), ("mIoU", "mIoU"), ("hIoU", "hIoU"))
+
+
+def headline_line(r: Inputs) -> str:
+    """The headline: full SimFormer's mean over the grid's seeds with its 95% t interval (a single
+    seed's figure moves with the CPU and the thread count; the interval is what holds)."""
+    v, g = HEADLINE_VARIANT, r.grid
+    cells = g.cell_rows() if g is not None else None
+    rows = cells.loc[cells["variant"] == v] if cells is not None and "variant" in cells else None
+    if rows is None or len(rows) < 2:
+        return (f"- **Headline**: no `{v}` cells over two or more seeds in this run's grid, so no interval: the "
+                "main model's single seed below is a quick look, not a result that holds on another machine.")
+    parts = []
+    for key, label in HEADLINE_METRICS:
+        x = rows[key].astype(float).dropna().to_numpy() if key in rows else np.array([])
+        if x.size < 2:
+            continue
+        lo, hi = stats.t.interval(0.95, x.size - 1, loc=x.mean(), scale=x.std(ddof=1) / np.sqrt(x.size))
+        parts.append(f"{label} **{ev._f(x.mean())}** [{ev._f(lo)}, {ev._f(hi)}]")
+    seeds = ", ".join(str(int(s)) for s in sorted(rows["seed"]))
+    return (f"- **Headline: full SimFormer over {len(rows)} seeds** ({seeds}; {g.iterations} iterations each), "
+            f"mean and 95% t interval: " + ", ".join(parts) + ". One seed's figure moves with the CPU and the "
+            "thread count; quote the interval.")
+
+
 def answer_section(r: Inputs) -> Section:
-    """Three lines: the main model against its target, the grid's variants ordered by novel
-    mIoU, and the key paired difference (full − +complementary, novel mIoU) with its interval."""
+    """Four lines: the headline (full SimFormer's mean over the grid's seeds with its interval),
+    the main model against its target, the grid's variants ordered by novel mIoU, and the key
+    paired difference (full − +complementary, novel mIoU) with its interval."""
     m, run = r.metrics, r.run
     name = run.get("main_run") or f"seed {run.get('seed', '?')}"
     line1 = (f"- **Main model** ({name}, {run.get('iterations', '?')} iterations): novel mIoU "
@@ -123,7 +152,7 @@ def answer_section(r: Inputs) -> Section:
                 ci = f" (95% CI [{ev._f(d['ci_low'])}, {ev._f(d['ci_high'])}])"
             line3 = (f"- **{a} − {b}**, novel mIoU paired over {int(d['n'])} seeds: "
                      f"{ev._f(d['mean']):s}{ci}; {verdict}.").replace(": -", ": −")
-    return Section("Answer", "\n".join([line1, line2, line3]) + "\n\nThe evidence follows; how the run was made is "
+    return Section("Answer", "\n".join([headline_line(r), line1, line2, line3]) + "\n\nThe evidence follows; how the run was made is "
                    "under *Run* at the end.\n")
 
 
