@@ -625,6 +625,8 @@ def import_bundle(path, root, experiment: str | None = None, say: Callable[[str]
                     if any(metric_key(k) not in logged for k in metrics):
                         for f in (main["--metrics"], main["--per-class"]):
                             tracker.log_artifact(f, "eval")
+                        if (model := b.output("train", "--model")) is not None:      # bundled with --keep-models
+                            tracker.log_artifact(model, "model")
                         tracker.log_metrics(metrics)
                     run_id = tracker.run_id
                 for j in shared:            # the cell that is the main training: into the same run, as at home
