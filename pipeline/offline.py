@@ -370,6 +370,17 @@ def pack(folder: Path, tar: Path) -> int:
     return tar.stat().st_size
 
 
+def check_size(tar: Path, max_mib: float, files: Mapping[str, Mapping], folder: Path, keep_models: bool) -> None:
+    """A ValueError when the tarball ``tar`` is over ``max_mib``, naming its size and largest files."""
+    size = tar.stat().st_size
+    if size <= max_mib * 2 ** 20:
+        return
+    biggest = sorted(files.items(), key=lambda kv: -kv[1]["bytes"])[:3]
+    raise ValueError(f"the bundle {tar} is {size / 2 ** 20:.1f} MiB, over the {max_mib:g} MiB limit; its largest "
+                     "files: " + ", ".join(f"{k} ({v['bytes'] / 2 ** 20:.1f} MiB)" for k, v in biggest)
+                     + (" (leave out --keep-models)" if keep_models else "") + f". The folder {folder} holds it all")
+
+
 def _utc(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -450,11 +461,7 @@ def run_offline(pipeline_file, params_file, out, *, overrides: Sequence[str] = (
     if failed:
         raise RuntimeError(f"stage '{failed}' failed (exit {manifest['stages'][-1]['returncode']}): its output is in "
                            f"{out / LOGS / (failed + '.log')}; the bundle of what ran is {tar}")
-    if size > max_mib * 2 ** 20:
-        biggest = sorted(manifest["files"].items(), key=lambda kv: -kv[1]["bytes"])[:3]
-        raise ValueError(f"the bundle {tar} is {size / 2 ** 20:.1f} MiB, over the {max_mib:g} MiB limit: its largest "
-                         "files are " + ", ".join(f"{k} ({v['bytes'] / 2 ** 20:.1f} MiB)" for k, v in biggest)
-                         + (" (leave out --keep-models)" if keep_models else "") + f"; the folder {out} holds it all")
+    check_size(tar, max_mib, manifest["files"], out, keep_models)
     echo(f"bundle: {out} ({len(files)} files), {tar} ({size / 2 ** 20:.2f} MiB); "
          f"{manifest['wall_seconds']:.0f} s\n")
     return manifest

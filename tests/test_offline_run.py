@@ -330,3 +330,48 @@ def test_overrides_and_the_default_stages():
     assert default_stages(stages, pseudo=False) == GRID_STAGES
     assert default_stages(stages, pseudo=True) == GRID_STAGES[:6] + ["retrain"] + GRID_STAGES[6:]
     assert list(stages) == GRID_STAGES[:6] + ["retrain"] + GRID_STAGES[6:]
+
+
+def test_the_archive_holds_the_folder_and_a_bundle_over_the_limit_is_refused(tmp_path):
+    import os
+
+    from pipeline.offline import check_size, pack
+    folder = tmp_path / "grid"
+    (folder / "outputs").mkdir(parents=True)
+    (folder / "outputs" / "big.bin").write_bytes(os.urandom(3 * 2 ** 20))        # incompressible
+    (folder / "manifest.json").write_text("{}")
+    (folder / ".manifest.json.x.tmp").write_text("")                              # a writer's temporary
+    size = pack(folder, folder / "bundle.tar.gz")                                 # the archive inside its folder
+    with tarfile.open(folder / "bundle.tar.gz") as tf:
+        assert sorted(tf.getnames()) == ["grid", "grid/manifest.json", "grid/outputs", "grid/outputs/big.bin"]
+    assert size == (folder / "bundle.tar.gz").stat().st_size > 3 * 2 ** 20
+    files = {"outputs/big.bin": {"bytes": 3 * 2 ** 20}, "reports/metrics.json": {"bytes": 200}}
+    check_size(folder / "bundle.tar.gz", 4, files, folder, False)
+    with pytest.raises(ValueError, match=r"bundle\.tar\.gz is 3\.0 MiB, over the 2 MiB limit; its largest files: "
+                                         r"outputs/big\.bin \(3\.0 MiB\), reports/metrics\.json \(0\.0 MiB\) "
+                                         r"\(leave out --keep-models\)\. The folder .*grid holds it all"):
+        check_size(folder / "bundle.tar.gz", 2, files, folder, True)
+
+
+def test_a_failed_stage_leaves_a_bundle_of_what_ran_that_import_refuses(tmp_path, monkeypatch, capsys):
+    """prepare without the download stage's output fails: the run stops there, naming it; the bundle
+    holds the manifest (status failed) and the stage's log."""
+    proj = tmp_path / "proj"
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, proj / name)
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "bundle"
+    assert run_tool("offline_run", "--out", out, "--stages", "prepare", "--device", "cpu") == 1
+    err = capsys.readouterr().err
+    assert f"error: stage 'prepare' failed (exit 1): its output is in {out / 'logs' / 'prepare.log'}" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "failed" and m["failed_stage"] == "prepare" and m["files"] == {}
+    assert [(s["name"], s["returncode"]) for s in m["stages"]] == [("prepare", 1)]
+    assert "data/dataset" in (out / "logs" / "prepare.log").read_text()
+    assert m["git"]["commit"] == "unknown" and m["git"]["dirty"] is None     # a copied tree without .git
+    assert (tmp_path / "bundle.tar.gz").is_file()
+    assert run_tool("import_runs", tmp_path / "bundle.tar.gz", "--no-mlflow", "--report-out", tmp_path / "r") == 1
+    assert "is not complete (status 'failed', stage 'prepare' failed): nothing is imported" in capsys.readouterr().err
