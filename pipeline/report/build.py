@@ -349,3 +349,25 @@ def write_report(r: Inputs, md: Path, html: Path | None = None, ablation_md: Pat
     if ablation_json is not None and r.grid is not None:
         write_json(ablation_json, ab.ablation_summary(r.grid.table))
     return parts
+
+
+def grid_inputs(cells_dir, raw: dict, g, main_iterations: int) -> tuple[Grid, dict[str, float], dict[str, str]]:
+    """The ablation grid of the cells in ``cells_dir`` (``g``: the params' AblationConfig, ``raw``: the
+    parsed params file; ``main_iterations``: ``train.iterations``), the DistLoss weight sweep and the
+    variants whose training reads novel masks: what the report shows of a grid (the report stage, and
+    an offline bundle's report: pipeline/offline.py)."""
+    from ..ablation import novel_mask_variants, pp_weight_sweep
+    variants = list(g.run)
+    cells = ab.grid_cells(cells_dir, g.cells())
+    table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
+    grid = Grid(table, Path(cells_dir), variants, list(g.seeds), g.iterations or main_iterations, cells)
+    return grid, pp_weight_sweep(raw, g), novel_mask_variants(raw, g)
+
+
+def data_setting(p) -> str:
+    """What the data of this run models (the verdict section's data setting)."""
+    if p.data.dataset == "synthetic":
+        from ..data.synthetic import describe_setting
+        return describe_setting(p.data.synthetic.cooccur)
+    return (f"the real dataset `{p.data.dataset}`, split {p.data.split}: its classes co-occur as they do in its "
+            "scenes, beside unlabelled pixels")
