@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 # Every top-level package the pipeline, its stages and its tests import (checked after install).
-IMPORTS := torch torchvision dvc mlflow cv2 scipy pandas numpy matplotlib yaml tqdm pytest psutil submitit
+IMPORTS := torch torchvision dvc mlflow cv2 scipy pandas numpy matplotlib yaml tqdm pytest psutil submitit pynvml
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

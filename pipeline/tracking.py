@@ -199,7 +199,8 @@ class RunTracker(contextlib.AbstractContextManager):
                     client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
             location = None if _server() else (self.root / ARTIFACTS_DIR / name).as_uri()
-            try:                             # the UI opens on the runs table
+            try:                             # typed "Machine learning"; the 3.17 UI still opens it on GenAI
+                                             # pages unless the address says workflowType (runs_url)
                 eid = client.create_experiment(name, location, {"mlflow.experimentKind": "custom_model_development"})
             except Exception:  # noqa: BLE001
                 if (exp := client.get_experiment_by_name(name)) is None:

@@ -507,6 +507,19 @@ def test_readme_predict_section_and_picture():
         assert needle in full, needle
 
 
+def test_docs_pictures_are_small_pngs():
+    """The docs' screenshots (docs/MLFLOW_UI.md shows the MLflow UI) exist, are PNG files and stay small."""
+    shown = {}
+    for page in DOCS:
+        for pic in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", _prose(_text(page))):
+            shown[(page.parent / pic).resolve()] = _rel(page)
+    assert {"mlflow_runs.png", "mlflow_model.png", "mlflow_run.png"} <= {p.name for p in shown}, sorted(shown)
+    for path, where in shown.items():
+        assert path.is_file(), f"{where} shows {path}, which does not exist"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{where} shows {path.name}, which is not a PNG"
+        assert path.stat().st_size < 400_000, f"{where} shows {path.name}: {path.stat().st_size} bytes"
+
+
 # ============================================================================ figures
 
 

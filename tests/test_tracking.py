@@ -1,4 +1,5 @@
 """MLflow tracking against a throw-away SQLite store under tmp_path."""
+import logging
 import os
 import shutil
 import sqlite3
@@ -162,6 +163,60 @@ def test_mid_run_logging_failure_policy(tmp_path, monkeypatch, caplog):
             tr.log_metrics({"loss": 1.0}, step=2)
     tr.finish()
     assert _client(tmp_path).get_run(tr.run_id).info.status == "FINISHED"
+
+
+def _nvml_gpus() -> int:
+    """How many GPUs NVML (nvidia-ml-py, the package MLflow reads NVIDIA GPUs through) finds; 0 without a
+    GPU or its driver."""
+    import pynvml
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_system_metrics_read_the_gpu_only_where_there_is_one(tmp_path, monkeypatch, capfd):
+    """With nvidia-ml-py installed (requirements.txt), a training run's system metrics are CPU, memory,
+    disk and network, plus per-GPU ones where NVML finds a GPU; without one nothing fails or warns."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    mlflow_log = logging.getLogger("mlflow")                 # MLflow's loggers do not propagate to the root
+    mlflow_log.addHandler(handler)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    _, flat, h = _params()
+    tr = RunTracker(tmp_path, EXP)
+    try:
+        rid = tr.start(h, "train", flat, "", {"stage": "train"})
+        tr.start_system_metrics()
+        monitors = sorted(type(m).__name__ for m in tr._monitor.monitors)
+        deadline = time.monotonic() + 30
+        while tr._monitor._logging_step < 2 and time.monotonic() < deadline:     # two samples published
+            time.sleep(0.05)
+        tr.finish()
+    finally:
+        mlflow_log.removeHandler(handler)
+    run = _client(tmp_path).get_run(rid)
+    assert run.info.status == "FINISHED"
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage", "system/disk_usage_megabytes"} <= system, system
+    assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100
+    gpu = {k for k in system if k.startswith("system/gpu_")}
+    if _nvml_gpus():
+        assert "GPUMonitor" in monitors
+        assert {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes"} <= gpu, system
+    else:
+        assert monitors == ["CPUMonitor", "DiskMonitor", "NetworkMonitor"]
+        assert not gpu, gpu
+    warned = [f"{r.name}: {r.getMessage()}" for r in records if r.levelno >= logging.WARNING]
+    assert not warned, warned
+    err = capfd.readouterr().err
+    assert "nvml" not in err.lower() and "gpu" not in err.lower(), err
 
 
 def test_store_root_resolution(tmp_path, monkeypatch):
