@@ -249,3 +249,25 @@ def test_logger_keeps_k_in_a_sqlite_store_and_resume_refusals_name_the_problem(t
             "(step-000006.pt, step 6); it is kept") in err, err
     assert ahead.read_bytes() == before and files_under(ahead.parent) == ["train.pt"]
     assert len(client.search_runs([client.get_experiment_by_name(EXP).experiment_id])) == 2   # no run was started
+
+
+def test_a_grid_cell_keeps_its_checkpoint_in_its_own_run(tmp_path, tiny_data, store):
+    from pipeline.config import build_ablation
+    from pipeline.grid import plan_cells, run_cell
+    raw = _raw(4, 1)
+    raw["ablation"].update({"seeds": [5], "run": ["baseline"], "iterations": 3, "workers": 1})
+    (job,), _, _ = plan_cells(build_params(raw), raw, build_ablation(raw["ablation"]), "",
+                              dataset_dir=tiny_data / "dataset", split_dir=tiny_data / "split", init=None,
+                              main_model=tmp_path / "none.pt", checkpoints=tmp_path / "ck", out=tmp_path / "out",
+                              cores=1, mlflow=True, progress=False)
+    assert not job.shared
+    run_cell(job)
+    rid = json.loads((job.out / "cell.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri(store))
+    # checkpoints after steps 2 and 3 (the last), the newest one kept
+    assert _listed(client, store, rid) == ["checkpoints/latest.json", "checkpoints/step-000003.pt"]
+    assert _latest(client, store, rid, tmp_path / "dl") == {"step": 3, "file": "step-000003.pt",
+                                                            "params_hash": params_hash(job.params)}
+    art = store / "mlartifacts" / EXP / rid / "artifacts" / "checkpoints" / "step-000003.pt"
+    assert art.read_bytes() == job.checkpoint.read_bytes()
+    assert files_under(job.checkpoint.parent) == ["cell.pt"]
