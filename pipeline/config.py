@@ -36,6 +36,9 @@ EXECUTORS = ("local", "slurm")
 # left out of params_hash, so a checkpoint resumes on another number of GPUs or from any node
 # (the global batch, and with it the model, does not depend on them).
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "dist_backend")
+# train.* keys left out of params_hash besides the launch keys: how many checkpoints MLflow keeps
+# changes no trained bit, so changing it neither restarts a training nor splits its MLflow run.
+NOT_HASHED = (*LAUNCH_KEYS, "mlflow_checkpoints")
 # Top-level params groups that are not part of :class:`Params` (the training's params): the
 # ablation grid (:class:`AblationConfig`, :func:`build_ablation`).
 EXTRA_TOP_LEVEL: tuple[str, ...] = ("ablation",)
@@ -168,6 +171,9 @@ class TrainConfig:
                                "long runs)")
     workers: int = _spec(lo=0, help="DataLoader worker processes")
     checkpoint_interval: int = _spec(lo=1, help="steps between checkpoints")
+    mlflow_checkpoints: int = _spec(lo=0, help="checkpoints kept in the MLflow run (artifacts checkpoints/step-*.pt, "
+                                               "the newest named by checkpoints/latest.json; resume with --resume-from "
+                                               "runs:/<run_id>); 0 = none")
     log_interval: int = _spec(lo=1, help="steps between logged losses")
     diagnostics_interval: int = _spec(lo=0, help="steps between similarity diagnostics (AUCs, per-loss gradient "
                                                  "norms; a multiple of log_interval; 0 = off)")
@@ -464,13 +470,19 @@ def params_file_text(p: Params, what: str) -> str:
     return f"# effective params of {what}\n" + yaml.safe_dump(to_dict(p), sort_keys=False)
 
 
-def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "model", "loss", "train")) -> str:
-    """Stable short hash of the groups that determine a trained model (the launch keys of
-    ``train``, :data:`LAUNCH_KEYS`, left out)."""
+def hashed_params(p: Params, groups: typing.Iterable[str] = ("base", "data", "model", "loss", "train")) -> dict:
+    """The groups that determine a trained model, as :func:`params_hash` hashes them (``train``
+    without :data:`NOT_HASHED`)."""
     d = {g: to_dict(getattr(p, g)) for g in groups}
     if "train" in d:
-        d["train"] = {k: v for k, v in d["train"].items() if k not in LAUNCH_KEYS}
-    blob = json.dumps(d, sort_keys=True, default=str).encode()
+        d["train"] = {k: v for k, v in d["train"].items() if k not in NOT_HASHED}
+    return d
+
+
+def params_hash(p: Params, groups: typing.Iterable[str] = ("base", "data", "model", "loss", "train")) -> str:
+    """Stable short hash of the groups that determine a trained model (the launch keys of
+    ``train`` and ``train.mlflow_checkpoints``, :data:`NOT_HASHED`, left out)."""
+    blob = json.dumps(hashed_params(p, groups), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -254,7 +254,7 @@ def run_cell(job: CellJob) -> dict:
         else:
             device = resolve_device(p.train.device)
             model, result = train(p, job.dataset_dir, split, index, job.checkpoint,
-                                  on_log=training_callbacks(None if reopened else tracker, cores),
+                                  **training_callbacks(None if reopened else tracker, cores, p),
                                   progress=job.progress, init=load_init(job.init, p.model.pretrained),
                                   diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
                                                                p.loss.oracle))

@@ -3,7 +3,8 @@ trained thing (found again by its ``params_hash`` tag: resumed when unfinished, 
 results, never moved nor re-finished). Store, root and artifact layout: docs/ARCHITECTURE.md
 ("MLflow"). A store that cannot be opened fails before any work (:class:`TrackingError`); a later
 failure is warned about (the DVC outputs are the record, MLflow the index) or raised (``strict``).
-MLflow is imported on use only.
+Each training's resumable checkpoints go into its run (:class:`CheckpointLogger`), and a training
+resumes from a run's newest one (:func:`fetch_checkpoint`). MLflow is imported on use only.
 """
 import contextlib
 import logging
@@ -186,6 +187,7 @@ class RunTracker(contextlib.AbstractContextManager):
     def __init__(self, root, experiment: str, *, timeout: float = 30.0, strict: bool = False):
         self.root, self.experiment, self.timeout, self.strict = Path(root).resolve(), experiment, timeout, strict
         self.client = self.experiment_id = self.run_id = self.status = None
+        self.created = False            # start() made a new run (rather than resuming or reopening one)
         self._monitor = None            # the system metrics sampler (start_system_metrics)
 
     def _experiment(self) -> str:
@@ -235,6 +237,7 @@ class RunTracker(contextlib.AbstractContextManager):
             found = next((r for r in runs if include_finished or r.info.status != "FINISHED"), None)
             # a new run is created with its tags (found again by its params hash even if the next steps fail)
             run = found or client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
+            self.created = found is None
             self.run_id, self.status, old, old_tags = run.info.run_id, run.info.status, run.data.params, run.data.tags
             changed = sorted(k for k, v in params.items() if old.get(k, v) != v)
             if changed:
@@ -479,14 +482,22 @@ def novel_mask_tags(p) -> dict[str, str]:
     return {"diagnostic": f"uses novel masks ({use})"} if use else {}
 
 
-def training_callbacks(tracker: RunTracker | None, cores):
-    """``on_log`` of the training loop: forward a step's record to MLflow and re-share the CPU
-    cores among the trainings running (:class:`pipeline.jobs.CoreShare`)."""
+def training_callbacks(tracker: RunTracker | None, cores, p) -> dict:
+    """The callbacks of the training loop, as keyword arguments of
+    :func:`pipeline.engine.train.train` (``train(..., **training_callbacks(tracker, cores, p))``):
+    ``on_log`` forwards a step's record to MLflow and re-shares the CPU cores among the trainings
+    running (:class:`pipeline.jobs.CoreShare`); ``on_checkpoint`` copies each resumable checkpoint
+    into the run, keeping the newest ``p.train.mlflow_checkpoints`` (:class:`CheckpointLogger`;
+    none without a tracker or with 0). ``p``: the params the loop trains with."""
     def on_log(step, rec):
         cores.rebalance()
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=step)
-    return on_log
+    keep = p.train.mlflow_checkpoints
+    if tracker is None or not keep:
+        return {"on_log": on_log, "on_checkpoint": None}
+    from .config import params_hash
+    return {"on_log": on_log, "on_checkpoint": CheckpointLogger(tracker, keep, params_hash(p))}
 
 
 def log_trained_model(tracker: RunTracker | None, model_path, example_image, cores, register: bool):
@@ -574,3 +585,233 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
         for path in artifacts:
             parent.log_artifact(path, "report")
     return {"parent": parent.run_id, "children": children}
+
+
+# ----------------------------------------------------------------------------- resumable checkpoints in the run
+
+CHECKPOINTS_DIR, LATEST_FILE = "checkpoints", "latest.json"    # artifacts checkpoints/step-000100.pt, latest.json
+_STEP_FILE = re.compile(r"step-(\d+)\.pt")
+_RUN_URI = re.compile(r"runs:/([0-9A-Za-z_-]+)/?")
+
+
+def checkpoint_name(step: int) -> str:
+    """The artifact file name of the checkpoint written after ``step`` steps (``step-000100.pt``)."""
+    return f"step-{int(step):06d}.pt"
+
+
+@contextlib.contextmanager
+def _scratch(beside: Path, clean: bool = False):
+    """A temporary folder beside the file ``beside`` (same filesystem: a hard link, an atomic rename),
+    removed afterwards; ``clean``: first remove the ones a killed process left there."""
+    import shutil
+    import tempfile
+    folder, prefix = beside.parent, f".{beside.name}."
+    folder.mkdir(parents=True, exist_ok=True)
+    if clean:
+        for old in folder.glob(f"{prefix}*.mlflow"):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, suffix=".mlflow", dir=folder) as tmp:
+        yield Path(tmp)
+
+
+class CheckpointLogger:
+    """``on_checkpoint(path, step)`` of the training loop (:func:`training_callbacks`): the checkpoint
+    just written becomes the run's artifact ``checkpoints/step-<step>.pt``; then
+    ``checkpoints/latest.json`` names it (``{"step", "file", "params_hash"}``); then every other
+    checkpoint of the run is deleted but the newest ``keep`` at or before ``step`` (one after ``step``
+    is left by an earlier attempt of this run that got further: a resume starts from latest.json,
+    never from it). In that order, so that latest.json names a complete file even after a kill.
+
+    Deleting goes through the run's artifact repository (``delete_artifacts``): the embedded store's
+    folder, a tracking server's proxied artifacts (``mlflow server``), S3, GCS, Azure Blob, HDFS and
+    SFTP delete; stores whose MLflow repository cannot (DBFS, FTP, Azure Data Lake) keep every
+    checkpoint, with one warning per run, and latest.json still names the newest. Any failure is a
+    warning: the training goes on, its local checkpoint is the record."""
+
+    def __init__(self, tracker: RunTracker, keep: int, phash: str):
+        self.tracker, self.keep, self.phash = tracker, int(keep), phash
+        self._repo = None           # the run's artifact repository (deletions)
+        self._can_delete = True     # False once the store said it cannot delete
+        self._first = True
+
+    def __call__(self, path, step: int) -> None:
+        import shutil
+        tr, name, path = self.tracker, checkpoint_name(step), Path(path).resolve()
+        with _scratch(path, clean=self._first) as tmp:
+            self._first = False
+            staged = tmp / name
+            try:
+                os.link(path, staged)           # no copy: the next checkpoint replaces the file, not this inode
+            except OSError:
+                shutil.copyfile(path, staged)
+            if not tr._call(f"logging checkpoint {name}", tr.client.log_artifact, tr.run_id, str(staged),
+                            CHECKPOINTS_DIR):
+                return
+        latest = {"step": int(step), "file": name, "params_hash": self.phash}
+        if tr._call(f"writing {CHECKPOINTS_DIR}/{LATEST_FILE}", tr.client.log_dict, tr.run_id, latest,
+                    f"{CHECKPOINTS_DIR}/{LATEST_FILE}"):
+            self._prune(int(step))
+
+    def _prune(self, step: int) -> None:
+        tr, listed = self.tracker, []
+        if not self._can_delete or not tr._call("listing the run's checkpoints", lambda: listed.extend(
+                tr.client.list_artifacts(tr.run_id, CHECKPOINTS_DIR))):
+            return
+        steps = {int(m[1]): f.path for f in listed if (m := _STEP_FILE.fullmatch(f.path.rsplit("/", 1)[-1]))}
+        kept = set(sorted(s for s in steps if s <= step)[-self.keep:])
+        for s in sorted(set(steps) - kept):
+            if not self._delete(steps[s]):
+                return
+
+    def _delete(self, artifact_path: str) -> bool:
+        tr = self.tracker
+        try:
+            with _from_root(tr.root):
+                if self._repo is None:
+                    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+                    self._repo = get_artifact_repository(tr.client.get_run(tr.run_id).info.artifact_uri,
+                                                         tracking_uri=tracking_uri(tr.root))
+                self._repo.delete_artifacts(artifact_path)
+            return True
+        except Exception as e:  # noqa: BLE001
+            # MLflow's repositories that cannot delete raise NotImplementedError or "Not implemented yet"
+            self._can_delete = not (isinstance(e, NotImplementedError) or "not implemented" in str(e).lower())
+            msg = (f"MLflow store {_store_name(tr.root)}: run {tr.run_id}: " +
+                   (f"deleting {artifact_path} failed: {type(e).__name__}: {e}" if self._can_delete else
+                    f"its artifact store cannot delete artifacts ({type(e).__name__}: {e}): every checkpoint stays "
+                    f"in the run ({CHECKPOINTS_DIR}/{LATEST_FILE} names the newest)"))
+            if tr.strict:
+                raise TrackingError(msg) from e
+            log.warning("%s (continuing)", msg)
+            return False
+
+
+def run_id_of(uri: str) -> str:
+    """The run id of ``runs:/<run_id>``, what ``--resume-from`` takes."""
+    m = _RUN_URI.fullmatch(str(uri).strip())
+    if m is None:
+        raise ValueError(f"--resume-from takes runs:/<run_id> (an MLflow run whose training logged checkpoints), "
+                         f"not '{uri}'")
+    return m[1]
+
+
+def _params_differ(logged: Mapping[str, str], p) -> list[str]:
+    """``key <run's value> (run) vs <value> (here)`` for each hashed params key (:func:`pipeline.config.
+    hashed_params`) whose value the run logged differently."""
+    from .config import flatten, hashed_params
+    here = {k: "" if v is None else str(v) for k, v in flatten(hashed_params(p)).items()}
+    return [f"{k} {logged[k]} (run) vs {v} (here)" for k, v in here.items() if k in logged and logged[k] != v]
+
+
+def _local_step(path: Path, phash: str) -> int:
+    """The step of the checkpoint at ``path`` when it holds these params' (hash ``phash``), else -1."""
+    from .engine.checkpoint import load_checkpoint
+    if not path.is_file():
+        return -1
+    try:
+        ck = load_checkpoint(path)
+    except ValueError:                   # unreadable: training could not resume from it anyway
+        return -1
+    return int(ck.get("step", -1)) if ck.get("params_hash") == phash else -1
+
+
+def fetch_checkpoint(root, uri: str, p, dest) -> dict:
+    """Download the newest checkpoint that the run ``uri`` (``runs:/<run_id>``) logged
+    (:class:`CheckpointLogger`) from the store of ``root`` to ``dest``, the training's own checkpoint
+    file: the training then resumes from it exactly as from a checkpoint it wrote itself (the same
+    file, byte for byte). Downloaded into a temporary folder beside ``dest``, checked (it loads, it
+    holds these params at the step latest.json names) and renamed onto ``dest``.
+
+    Refused with a :class:`TrackingError`, before anything is written: no such run, a deleted run, a
+    run without checkpoints, a checkpoint of other params (both params hashes and the keys whose
+    logged value differs), and a checkpoint of these params at ``dest`` that is further on than the
+    run's (it is kept: resume from it without ``--resume-from``, or remove it). Returns
+    ``{"run_id", "status", "step", "file"}``; ``status``: the run's MLflow status."""
+    import json
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .config import params_hash
+    from .engine.checkpoint import load_checkpoint
+    run_id, root, dest = run_id_of(uri), Path(root).resolve(), Path(dest).resolve()
+    fail = f"--resume-from {uri}: "
+    client = open_client(root)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"{fail}MLflow store {_store_name(root)}: {type(e).__name__}: {e}") from e
+        raise TrackingError(f"{fail}the MLflow store {_store_name(root)} has no run {run_id}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"{fail}run {run_id} is deleted in the MLflow store {_store_name(root)} (restore it "
+                            f"first: MlflowClient().restore_run)")
+    with _from_root(root):
+        names = {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(run_id, CHECKPOINTS_DIR)}
+    if LATEST_FILE not in names:
+        raise TrackingError(f"{fail}run {run_id} has no checkpoint (no artifact {CHECKPOINTS_DIR}/{LATEST_FILE}: a "
+                            f"training logs its checkpoints when train.mlflow_checkpoints > 0)")
+    phash, uri_of = params_hash(p), tracking_uri(root)
+    with tempfile.TemporaryDirectory() as tmp, _from_root(root):
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINTS_DIR}/{LATEST_FILE}",
+                                                       dst_path=tmp, tracking_uri=uri_of))
+        try:
+            latest = json.loads(got.read_text())
+            step, name, theirs = int(latest["step"]), str(latest["file"]), str(latest["params_hash"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrackingError(f"{fail}{CHECKPOINTS_DIR}/{LATEST_FILE} of run {run_id} is not a checkpoint record "
+                                f"({{'step', 'file', 'params_hash'}}): {type(e).__name__}: {e}") from None
+    if theirs != phash:
+        differ = _params_differ(run.data.params, p)
+        raise TrackingError(
+            f"{fail}run {run_id}'s checkpoint belongs to other params (params hash {theirs}; these params: {phash}): "
+            + ("; ".join(differ[:12]) + ("; ..." if len(differ) > 12 else "") if differ else
+               "its logged params equal these on every hashed key (logged by another version of the code?)")
+            + " - train with the run's params (its artifact params.yaml)")
+    if name not in names:
+        raise TrackingError(f"{fail}{CHECKPOINTS_DIR}/{LATEST_FILE} of run {run_id} names {name}, which the run "
+                            f"does not hold (found: {', '.join(sorted(names - {LATEST_FILE})) or 'none'})")
+    if (local := _local_step(dest, phash)) > step:
+        raise TrackingError(f"{fail}the checkpoint '{dest}' of these params is at step {local}, further on than "
+                            f"run {run_id}'s latest ({name}, step {step}); it is kept: resume from it without "
+                            "--resume-from, or remove it first")
+    with _scratch(dest) as tmp, _from_root(root):
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINTS_DIR}/{name}",
+                                                       dst_path=str(tmp), tracking_uri=uri_of))
+        try:
+            ck = load_checkpoint(got)
+        except ValueError as e:
+            raise TrackingError(f"{fail}{CHECKPOINTS_DIR}/{name} of run {run_id}: {e}") from None
+        if ck.get("params_hash") != phash or int(ck.get("step", -1)) != step:
+            raise TrackingError(f"{fail}{CHECKPOINTS_DIR}/{name} of run {run_id} holds step {ck.get('step')} of "
+                                f"params hash {ck.get('params_hash')}, not step {step} of {phash} as "
+                                f"{LATEST_FILE} says")
+        del ck
+        os.replace(got, dest)
+    return {"run_id": run_id, "status": run.info.status, "step": step, "file": name}
+
+
+def mark_resumed(tracker: RunTracker | None, source_run_id: str) -> None:
+    """The run of a training resumed from run ``source_run_id``'s checkpoint (``--resume-from``).
+
+    The run is chosen as for a local resume (:func:`open_tracker`: the newest unfinished run of
+    these params, else a new one). So resuming a killed or failed run goes on in that same run,
+    like ``dvc repro`` after a kill (``resume_count`` + 1, the curve continued in place), and a
+    finished run is never touched: the training gets a new run. A run other than the source is
+    tagged ``resumed_from_run_id``; the source itself is not written to."""
+    if tracker is not None and tracker.run_id != source_run_id:
+        tracker.set_tags({"resumed_from_run_id": source_run_id})
+
+
+def log_resumed_curve(tracker: RunTracker | None, history: list[dict], resumed_from: int) -> None:
+    """A new run (:attr:`RunTracker.created`) of a resumed training gets the checkpoint's curve,
+    the steps up to ``resumed_from``: the run then holds the whole curve (``resumed_from_step``
+    tag: where its own steps start)."""
+    if tracker is None or not tracker.created or not resumed_from:
+        return
+    tracker.set_tags({"resumed_from_step": resumed_from})
+    metrics = [m for rec in history if rec.get("step", 0) <= resumed_from
+               for m in metric_entities({k: v for k, v in rec.items() if k != "step"}, rec["step"])]
+    for i in range(0, len(metrics), 1000):          # MLflow's limit per batch
+        tracker._call("log_metrics", tracker.client.log_batch, tracker.run_id, metrics=metrics[i:i + 1000])

@@ -57,7 +57,7 @@ def main() -> None:
             tracker.set_tags({f"pseudo.{k}": v for k, v in stats.items() if k != "novel_precision"})
             tracker.log_metrics({"pseudo_novel_precision": stats["novel_precision"]})
         model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
-                           on_log=training_callbacks(tracker, cores), label_root=labels, progress=not args.no_progress,
+                           **training_callbacks(tracker, cores, rp), label_root=labels, progress=not args.no_progress,
                            init=load_init(args.init, rp.model.pretrained))
         export_model(model, rp, split, args.out / "model.pt", out.history)
         write_csv(args.out / "curve.csv", out.history)

@@ -2,11 +2,20 @@
 
 Runs on CUDA when present (train.device: auto), else on CPU. Resumes from --checkpoint
 when it holds a checkpoint of the same params. Logs params, the whole params file,
-per-step losses, the held-out pixel-pair AUCs of SimNet, the student and the features
-(heldout_auc_*, pipeline/engine/heldout.py) and the trained model (an MLflow model, registered as
-simformer-<dataset>-split<k>) to MLflow: $MLFLOW_TRACKING_URI when set, else the SQLite
-store at the repository root (found through $DVC_ROOT under `dvc exp run`). With
+per-step losses, the resumable checkpoint (every train.checkpoint_interval steps; the newest
+train.mlflow_checkpoints kept), the held-out pixel-pair AUCs of SimNet, the student and the
+features (heldout_auc_*, pipeline/engine/heldout.py) and the trained model (an MLflow model,
+registered as simformer-<dataset>-split<k>) to MLflow: $MLFLOW_TRACKING_URI when set, else the
+SQLite store at the repository root (found through $DVC_ROOT under `dvc exp run`). With
 train.threads 0 the CPU cores are shared among the trainings running on the machine.
+
+--resume-from runs:/<run_id> (e.g. a run of another machine, on a shared tracking server)
+first downloads the newest checkpoint that run logged to --checkpoint, then resumes as from a
+local checkpoint; refused, before any work, for a run that does not exist or has no checkpoint
+and for other params. Its MLflow run is chosen as for a local resume (the newest unfinished run
+of these params goes on): resuming a killed or failed run continues that run, as `dvc repro`
+does after a kill; a finished run is never written to, the training gets a new run tagged
+resumed_from_run_id, with the checkpoint's curve (pipeline.tracking.mark_resumed, docs/MLFLOW.md).
 
 Multi-GPU / multi-node: with train.nproc_per_node x train.nnodes > 1 the stage re-launches
 itself under torchrun (DistributedDataParallel, train.batch_size is the global batch); rank 0
@@ -33,6 +42,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="trained model file to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable checkpoint (kept across runs)")
     ap.add_argument("--curve", type=Path, required=True, help="training curve CSV to write")
+    ap.add_argument("--resume-from", default=None, metavar="runs:/<run_id>",
+                    help="resume from the newest checkpoint this MLflow run logged (train.mlflow_checkpoints > 0), "
+                         "downloaded to --checkpoint first; the params must be the run's")
     ap.add_argument("--run-name", default=None,
                     help="MLflow run name (default: '<variant>-seed<seed> (main)', e.g. 'full-seed6 (main)': the "
                          "grid cell this training is; '@<DVC experiment>' is appended under `dvc exp run`)")
@@ -42,6 +54,12 @@ def main() -> None:
     index = read_json(args.split_dir / "index.json")
 
     from pipeline.engine import distributed as D
+    if args.resume_from and not D.under_torchrun():      # once, before torchrun starts the training processes
+        from pipeline.repo import store_root
+        from pipeline.tracking import fetch_checkpoint
+        got = fetch_checkpoint(store_root(), args.resume_from, p, args.checkpoint)
+        print(f"resuming from {args.resume_from}: {got['file']} (step {got['step']}, run {got['status']}) "
+              f"-> {args.checkpoint}", flush=True)
     if p.train.nproc_per_node * p.train.nnodes > 1 and not D.under_torchrun():
         sys.exit(relaunch(torchrun_argv(p, sys.argv[1:])))
 
@@ -54,7 +72,8 @@ def main() -> None:
     from pipeline.jobs import CoreShare
     from pipeline.ablation import main_run_name
     from pipeline.engine.train import curve_table
-    from pipeline.tracking import DatasetRef, log_trained_model, novel_mask_tags, open_tracker, training_callbacks
+    from pipeline.tracking import (DatasetRef, log_resumed_curve, log_trained_model, mark_resumed, novel_mask_tags,
+                                   open_tracker, run_id_of, training_callbacks)
 
     dist = D.init_distributed(p.train.dist_backend, p.train.device) if D.under_torchrun() else D.DistInfo()
     try:
@@ -63,12 +82,14 @@ def main() -> None:
         tracker = None if args.no_mlflow or not dist.is_main else open_tracker(
             p, params_text, tags, args.run_name or main_run_name(grid, p.base.seed))
         if tracker:
+            if args.resume_from:
+                mark_resumed(tracker, run_id_of(args.resume_from))
             tracker.log_dataset(DatasetRef.of_folder(p.data.dataset, args.dataset_dir))
             tracker.start_system_metrics()
         # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
         with tracker or contextlib.nullcontext(), CoreShare(p.train.threads) as cores:
             model, out = train(p, args.dataset_dir, split, index, args.checkpoint,
-                               on_log=training_callbacks(tracker, cores), progress=not args.no_progress,
+                               **training_callbacks(tracker, cores, p), progress=not args.no_progress,
                                init=load_init(args.init, p.model.pretrained),
                                diagnostics=diagnostics_hook(p.train.diagnostics_interval, split, p.base.seed,
                                                             p.loss.oracle))
@@ -81,6 +102,8 @@ def main() -> None:
                 print("held-out pixel-pair AUC: " + ", ".join(
                     f"{k.removeprefix('heldout_auc_')} {v:.3f}" for k, v in heldout.items() if k.startswith("heldout_auc")))
             if tracker:
+                if args.resume_from:
+                    log_resumed_curve(tracker, out.history, out.resumed_from)
                 tracker.log_metrics(heldout)
                 log_trained_model(tracker, args.model, input_example(args.dataset_dir, index), cores, register=True)
     finally:

@@ -365,39 +365,6 @@ def test_copied_store_reads_its_own_artifacts(tmp_path, monkeypatch):
     assert not a.exists()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """``mlflow server`` on 127.0.0.1 and a free port, with its own database and artifact folder."""
-    import signal
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = tmp_path / "server"
-    srv.mkdir()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{srv}/server.db",
-           "--artifacts-destination", str(srv / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=srv, stdout=subprocess.DEVNULL, stderr=open(srv / "server.log", "w"),
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start: " + (srv / "server.log").read_text()[-2000:])
-        yield url, srv
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
 def test_tracking_uri_env_wins_and_a_training_logs_to_the_server(tmp_path, mlflow_server, tiny_data):
     import numpy as np
     url, srv = mlflow_server

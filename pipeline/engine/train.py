@@ -10,7 +10,7 @@ phases of a step through the ``mark`` hook.
 CUDA fast paths (``train.amp``, ``channels_last``, ``tf32``, ``fused_adamw``; see
 :class:`FastPath`) apply on CUDA only and are no-ops on the CPU; ``train.compile`` applies
 on any device. Nothing here imports MLflow: the caller passes ``on_log(step, record)`` and
-``on_checkpoint(path)`` callbacks.
+``on_checkpoint(path, step)`` callbacks.
 
 Multi-process (DistributedDataParallel; the details live in ``distributed.py`` and are no-ops
 in a single process): the model is wrapped in DDP, each rank trains on its contiguous slice of
@@ -57,7 +57,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 # ============================================================================ the loop
 def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_path: str | Path,
-          on_log: Callable[[int, dict], None] | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+          on_log: Callable[[int, dict], None] | None = None,
+          on_checkpoint: Callable[[Path, int], None] | None = None,
           label_root: str | Path | None = None, progress: bool = True,
           diagnostics: Callable[[TrainState, dict], dict] | None = None,
           init: dict | None = None) -> tuple[torch.nn.Module, TrainOutputs]:
@@ -72,6 +73,9 @@ def train(p: Params, dataset_dir: str | Path, split: dict, index: dict, ckpt_pat
 
     ``init``: the pretrain stage's output (``model.pretrained: weak_shot``): backbone and pixel
     decoder weights every run of the grid starts from.
+
+    ``on_checkpoint(path, step)``: called after each checkpoint is written (``path``, after
+    ``step`` steps), e.g. to copy it elsewhere (:func:`pipeline.tracking.training_callbacks`).
 
     In a process group every rank calls this; pass ``on_log`` / ``on_checkpoint`` on rank 0 only.
     """
@@ -412,7 +416,7 @@ def _resume(state: TrainState, path: Path, phash: str, seed: int, device: torch.
 
 
 def _checkpoint(state: TrainState, path: Path, meta: dict, device: torch.device, hint: str,
-                on_checkpoint: Callable[[Path], None] | None) -> None:
+                on_checkpoint: Callable[[Path, int], None] | None) -> None:
     # A finite loss can still come with non-finite gradients: never overwrite the last good checkpoint
     # with poisoned weights (one check per checkpoint, not per step).
     if (bad := _first_nonfinite(state.model, state.criterion)) is not None:
@@ -422,7 +426,7 @@ def _checkpoint(state: TrainState, path: Path, meta: dict, device: torch.device,
     if D.current().is_main:
         state.save(path, **meta, **ranks)
         if on_checkpoint is not None:
-            on_checkpoint(path)
+            on_checkpoint(path, state.step)
     D.barrier()     # no rank runs ahead of (or reads) a checkpoint still being written
 
 
