@@ -17,7 +17,11 @@ Faults:
   A second failure stops the grid: the other jobs are cancelled and :class:`GridError` names the
   cell, both job ids, the last state and the log file.
 * this process interrupted (Ctrl-C, SIGTERM, which ``pipeline.cli.run`` turns into
-  KeyboardInterrupt): every job still queued or running is cancelled (``scancel``) before it exits.
+  KeyboardInterrupt): every job still queued or running is cancelled (``scancel``), and it exits
+  once they have left the queue (at most :data:`CANCEL_WAIT_S`; a cancelled cell runs on for Slurm's
+  KillWait, and must not write its checkpoint or outputs after the stage has exited).
+  An interrupt that arrives while ``sbatch`` runs is held until submitit has the job ids
+  (:func:`_interrupts_held`): else the jobs of that ``sbatch`` would run on, unknown to this process.
 * running again: finished cells are gathered from disk, only the others are submitted.
 
 Before anything is submitted (or written) :func:`check_slurm` says in one error when ``sbatch``
@@ -29,12 +33,15 @@ works too); the results from submitit's result files in the job folder.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import submitit
 
@@ -45,6 +52,7 @@ JOB_NAME = "simformer-cell"
 POLL_S = 3.0          # seconds between two looks at the queue
 LOST_AFTER_S = 60.0   # a task gone from the queue, COMPLETED, but no result file yet (a slow shared filesystem)
 ATTEMPTS = 2          # a cell that fails this many times stops the grid
+CANCEL_WAIT_S = 120.0  # on an interrupt: the longest wait for the cancelled jobs to leave the queue
 
 
 class GridError(RuntimeError):
@@ -149,12 +157,52 @@ def _state(job_id: str) -> str:
     return "UNKNOWN"
 
 
-def _cancel(jobs) -> None:
-    for j in jobs:
-        try:
-            j.cancel(check=False)
-        except OSError:
-            pass
+@contextlib.contextmanager
+def _interrupts_held(reraise: bool = True) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for the block (a submission or the cancelling of jobs); on leaving
+    it, one that came is raised as KeyboardInterrupt (``reraise``) or dropped (already unwinding).
+    Only the main thread receives signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if came and reraise:
+        raise KeyboardInterrupt(f"signal {came[0]} (held during a Slurm submission)")
+
+
+def _cancel(jobs, wait_s: float = CANCEL_WAIT_S, poll_s: float = 1.0) -> None:
+    """``scancel`` each job, then wait until squeue no longer lists them: a cancelled cell runs on
+    for Slurm's KillWait (submitit's handler ignores the SIGTERM), and once this returns none of
+    them writes its checkpoint or outputs any more. A second Ctrl-C stops the wait, not the scancels."""
+    with _interrupts_held(reraise=False):
+        for j in jobs:
+            try:
+                j.cancel(check=False)
+            except OSError:
+                pass
+    ids, deadline, said = {j.job_id for j in jobs}, time.monotonic() + wait_s, False
+    try:
+        while True:
+            queued = _queued(sorted(ids))
+            left = ids if queued is None else ids & queued
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                print(f"warning: cancelled Slurm jobs still in the queue after {wait_s:g} s: "
+                      + " ".join(sorted(left)), file=sys.stderr)
+                return
+            if not said:
+                print("waiting for the cancelled jobs to end (Slurm's KillWait)", file=sys.stderr)
+                said = True
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        return
 
 
 def _log(j) -> Path:
@@ -196,11 +244,12 @@ def _run_array(todo: list[CellJob], cfg: SlurmConfig, folder: Path, results: dic
     task = CellTask()
     active: dict[str, dict] = {}     # cell key -> {"job", "sub" (submitit job), "attempt", "gone_since", "failures"}
     try:
-        subs = ex.map_array(task, todo)
+        with _interrupts_held():
+            subs = ex.map_array(task, todo)
+            for job, sub in zip(todo, subs):
+                active[job.key] = {"job": job, "sub": sub, "attempt": 1, "gone_since": None, "failures": []}
         say(f"submitted {len(subs)} cell{'s' if len(subs) > 1 else ''} as Slurm job array {subs[0].job_id.split('_')[0]}"
             f" ({cfg.array_parallelism} at a time; logs: {folder})")
-        for job, sub in zip(todo, subs):
-            active[job.key] = {"job": job, "sub": sub, "attempt": 1, "gone_since": None, "failures": []}
         while active:
             time.sleep(poll_s)
             queued = _queued([a["sub"].job_id for a in active.values()])
@@ -233,7 +282,7 @@ def _run_array(todo: list[CellJob], cfg: SlurmConfig, folder: Path, results: dic
         if left:
             print(f"cancelling {len(left)} Slurm job{'s' if len(left) > 1 else ''}: "
                   + " ".join(s.job_id for s in left), file=sys.stderr)
-            _cancel(left)
+            _cancel(left, poll_s=min(poll_s, 1.0))
         raise
 
 
@@ -252,6 +301,7 @@ def _failed(ex, task, a: dict, why: str, say) -> None:
                         + "; ".join(a["failures"]))
     say(f"cell {job.key}: job {sub.job_id} {why}; submitting it again (it resumes from its checkpoint; "
         f"log: {_log(sub)})")
-    a["sub"] = ex.submit(task, job)
+    with _interrupts_held():
+        a["sub"] = ex.submit(task, job)
     a["attempt"] += 1
     a["gone_since"] = None

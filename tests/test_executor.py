@@ -151,6 +151,53 @@ def test_a_request_slurm_rejects_fails_before_any_work(tmp_path, monkeypatch, ca
     _nothing_written(tmp_path)
 
 
+def test_an_interrupt_during_submission_still_cancels_the_submitted_jobs(tmp_path, monkeypatch, capsys):
+    """SIGTERM arriving while sbatch submits the array (a stand-in sbatch sends it to the stage, then
+    answers as Slurm does): the interrupt is held until submitit has the job ids, so both array
+    tasks are cancelled (a stand-in scancel records them), and it is raised once squeue (a stand-in
+    that lists them twice more, as Slurm does while a cancelled job completes) no longer lists them."""
+    import signal
+
+    from pipeline.cli import _terminate
+    from pipeline.config import build_params
+    from pipeline.executor import run_cells_slurm
+    from pipeline.grid import plan_cells
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(
+        "#!/bin/sh\n"
+        "case \"$*\" in *--test-only*) exit 0;; esac\n"
+        "kill -TERM $PPID; sleep 0.3\n"
+        "echo 'Submitted batch job 4242'\n")
+    (bin_ / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scancel-args\n")
+    (bin_ / "squeue").write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/squeue-calls 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/squeue-calls\n"
+        "if [ \"$n\" -lt 2 ]; then printf '4242_0\\n4242_1\\n'; fi\n")
+    for tool in ("sbatch", "scancel", "squeue"):
+        (bin_ / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    raw = json.loads(json.dumps(RAW))
+    raw["ablation"] = _grid(executor="slurm", run=["baseline"], seeds=[6, 7])
+    grid = build_ablation(raw["ablation"])
+    jobs, _, _ = plan_cells(build_params(raw), raw, grid, "", dataset_dir=tmp_path / "d", split_dir=tmp_path / "s",
+                            init=None, main_model=tmp_path / "m.pt", checkpoints=tmp_path / "ck",
+                            out=tmp_path / "out", cores=2, mlflow=False, progress=False)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    before = signal.signal(signal.SIGTERM, _terminate)       # as pipeline.cli.run sets it for a stage
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            run_cells_slurm(jobs, grid.slurm, tmp_path / "ck" / ".submitit", poll_s=0.01, say=print)
+        # the stage's own handlers are back
+        assert signal.getsignal(signal.SIGTERM) is _terminate and signal.getsignal(signal.SIGINT) is ctrl_c
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (tmp_path / "scancel-args").read_text().split("\n") == ["4242_0", "4242_1", ""]
+    assert (tmp_path / "squeue-calls").read_text() == "3\n"
+    err = capsys.readouterr().err
+    assert "cancelling 2 Slurm jobs: 4242_0 4242_1" in err and "waiting for the cancelled jobs to end" in err
+
+
 # ----------------------------------------------------------------------------- multi-node training under Slurm
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-09,12]"}
 

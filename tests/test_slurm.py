@@ -1,16 +1,21 @@
 """The ablation grid on a real Slurm cluster (ablation.executor: slurm), through the ablate stage.
 
 A 4-cell tiny grid runs once on this machine (executor local) and once as a Slurm job array; the
-Slurm run is disturbed on the way: one cell is preempted (SIGUSR2, submitit's checkpoint-and-requeue
-path) and another is killed outright (scancel --signal=KILL, the stage submits it again), each after
-its first training checkpoint. The gathered outputs must equal the local grid's (metrics, per-class IoU,
-curve without its timing columns, model weights), the two disturbed cells must say that they
-resumed from their checkpoints, MLflow (no tracking server: the stage logs the gathered cells) must
-hold one run per cell, running again must submit only unfinished cells, and SIGTERM to the stage
-must cancel its jobs.
+Slurm run is disturbed on the way: one cell is preempted (SIGUSR2 through `scancel --signal`, as
+Slurm sends it before the time limit: submitit's checkpoint-and-requeue path) and another is killed
+outright (SIGKILL to its process, as the kernel's out-of-memory killer does: the stage submits it
+again). Each is caught while its training runs, between two checkpoints: the cell's process is
+stopped (SIGSTOP) once its checkpoint at step 2 or later exists, the step is read, the signal is
+sent, and only then is the process continued, so the disturbance lands at that step however slow
+or fast the machine is. The gathered outputs must equal the local grid's bit for bit (metrics,
+per-class IoU, curve without its timing columns, model weights), the two disturbed cells must say
+that they resumed from exactly that step, MLflow (no tracking server: the stage logs the gathered
+cells) must hold one run per cell, running again must submit only unfinished cells, and SIGTERM to
+the stage must cancel its jobs, which have left the queue when the stage exits.
 
-Needs a cluster that answers: `sbatch` on PATH and `sinfo` working. On one machine, as root:
-`apt-get install -y slurm-wlm munge && tools/slurm/start_local_slurm.sh` (.ci/run does it).
+Needs a cluster that answers: `sbatch` on PATH and `sinfo` working, on this machine (the test
+signals the cells' processes itself). As root: `tools/slurm/start_local_slurm.sh` (it installs
+slurm-wlm and munge when they are missing); .ci/run does not start one (docs/CLUSTER.md).
 """
 from __future__ import annotations
 
@@ -110,22 +115,72 @@ def _ckpt_step(path: Path) -> int:
         return -1
 
 
-def _task_of(folder: Path) -> dict[str, str]:
-    """cell key -> Slurm job id, from submitit's submitted pickles."""
+def _order(job_id: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in job_id.split("_"))
+
+
+def _jobs(folder: Path) -> list[tuple[str, str]]:
+    """(cell key, Slurm job id) of every job submitit submitted into ``folder``, oldest first: a
+    cell submitted again (its first job failed, or a later run of the stage) has several."""
     from submitit.core.utils import DelayedSubmission
-    out = {}
+    out = []
     for pkl in folder.glob("*/*_submitted.pkl"):
         try:
-            out[DelayedSubmission.load(pkl).args[0].key] = pkl.parent.name
+            out.append((DelayedSubmission.load(pkl).args[0].key, pkl.parent.name))
         except Exception:  # noqa: BLE001 - still being written
             continue
-    return out
+    return sorted(out, key=lambda kj: _order(kj[1]))
 
 
-def _squeue(job_id: str) -> str:
-    r = subprocess.run(["squeue", "--noheader", "--array", "--format=%i %T %r", f"--jobs={job_id.split('_')[0]}"],
-                       capture_output=True, text=True)
-    return " ".join(line for line in r.stdout.splitlines() if line.split()[:1] == [job_id])
+def _task_of(folder: Path) -> dict[str, str]:
+    """cell key -> its newest Slurm job id."""
+    return dict(_jobs(folder))
+
+
+def _step_pids(job_id: str) -> list[int]:
+    """The processes of the job's step 0 (srun's task: the cell's Python), from `scontrol listpids`
+    (this machine is the job's node)."""
+    r = subprocess.run(["squeue", "--noheader", "--format=%A", f"--jobs={job_id}"], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.split():
+        return []
+    r = subprocess.run(["scontrol", "listpids", r.stdout.split()[0]], capture_output=True, text=True)
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]       # PID JOBID STEPID LOCALID GLOBALID
+    return [int(row[0]) for row in rows if len(row) >= 3 and row[2] == "0"]
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _state_of(pid: int) -> str:
+    """'R', 'S', 'T' (stopped), 'Z' (dead, not reaped yet), ... ; '' when gone."""
+    return "".join(_proc_status(pid).get("State", "").split()[:1])
+
+
+def _pending(pid: int, sig: int) -> bool:
+    st = _proc_status(pid)
+    return any(int(st.get(k, "0").strip() or "0", 16) >> (sig - 1) & 1 for k in ("ShdPnd", "SigPnd"))
+
+
+def _until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -155,53 +210,76 @@ def test_a_partition_slurm_rejects_fails_before_anything_is_submitted(tmp_path, 
 
 # ----------------------------------------------------------------------------- the grid, local and on Slurm
 class Disturber(threading.Thread):
-    """Preempts one cell (SIGUSR2) and kills another (SIGKILL), each once it is running past its first
-    checkpoint and before its last; lets the preempted one start again at once."""
+    """Preempts one cell (SIGUSR2) and kills another (SIGKILL), each while it trains between its
+    checkpoint at step 2 and its last one: the cell's process is stopped first (SIGSTOP), so the step
+    read is the step it resumes from; lets the preempted one start again at once."""
 
     def __init__(self, base: Path):
         super().__init__(daemon=True)
         self.base, self.stop = base, threading.Event()
-        self.preempted: tuple[str, str, int] | None = None     # (cell, job id, checkpoint step seen)
+        self.preempted: tuple[str, str, int] | None = None     # (cell, job id, checkpoint step it was caught at)
         self.killed: tuple[str, str, int] | None = None
         self.released = False
         self.errors: list[str] = []
 
     def run(self) -> None:
-        tasks: dict[str, str] = {}
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(f"{type(e).__name__}: {e}")
+
+    def _run(self) -> None:
         while not self.stop.is_set() and not (self.killed and self.released):
             time.sleep(0.2)
-            if len(tasks) < 4:
-                tasks = _task_of(self.base / "ck" / ".submitit")
             queue = _queue()
             if self.preempted and not self.released and queue.get(self.preempted[1], "").startswith("PENDING"):
                 # Slurm holds a requeued job for a while (BeginTime) before it may start again: start it now
                 r = subprocess.run(["scontrol", "update", f"JobId={self.preempted[1]}", "StartTime=now"],
                                    capture_output=True, text=True)
                 self.released = r.returncode == 0
+            if self.killed:
+                continue
             done = {c for c, *_ in filter(None, (self.preempted, self.killed))}
-            for key, job_id in sorted(tasks.items(), key=lambda kv: kv[1]):
-                if self.killed or key in done or not queue.get(job_id, "").startswith("RUNNING"):
-                    continue
-                step = _ckpt_step(self.base / "ck" / key / "cell.pt")
-                if not 2 <= step <= ITERATIONS - 4:
-                    continue
-                # SIGKILL: submitit lets a cell finish through SIGTERM (it bypasses it) within Slurm's KillWait
-                cmd = ["scancel", f"--signal={'KILL' if self.preempted else 'USR2'}", job_id]
-                try:
-                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
-                except subprocess.TimeoutExpired:
-                    # the signal went out, and submitit requeued the task at once; scancel then retries its
-                    # job-level request ("Job can not be altered now") for minutes: it is stopped here
-                    self.errors.append(f"{' '.join(cmd)} at step {step}: still retrying after 5 s, stopped")
-                else:
-                    if r.returncode != 0 and not self.preempted:
-                        self.errors.append(f"{' '.join(cmd)} at step {step}: {r.returncode} {r.stderr.strip()}")
-                        continue
-                if self.preempted is None:
-                    self.preempted = (key, job_id, step)
-                else:
-                    self.killed = (key, job_id, step)
-                break
+            for key, job_id in sorted(_task_of(self.base / "ck" / ".submitit").items(), key=lambda kv: _order(kv[1])):
+                if (key not in done and queue.get(job_id, "").startswith("RUNNING")
+                        and 2 <= _ckpt_step(self._ckpt(key)) < ITERATIONS and self._disturb(key, job_id)):
+                    break
+
+    def _ckpt(self, key: str) -> Path:
+        return self.base / "ck" / key / "cell.pt"
+
+    def _disturb(self, key: str, job_id: str) -> bool:
+        pids = _step_pids(job_id)
+        if not pids:
+            return False
+        _signal(pids, signal.SIGSTOP)
+        try:
+            if not _until(lambda: all(_state_of(p) in ("T", "Z", "") for p in pids), 10):
+                self.errors.append(f"{job_id}: its processes {pids} did not stop within 10 s")
+                return False
+            step = _ckpt_step(self._ckpt(key))       # the training cannot write another one now
+            if not 2 <= step < ITERATIONS:
+                return False
+            if self.preempted is None:
+                # what Slurm sends before the time limit (submitit's --signal=USR2@90) and submitit's own
+                # preemption test sends (SlurmJob._interrupt): submitit checkpoints and requeues the task
+                r = subprocess.run(["scancel", "--signal=USR2", job_id], capture_output=True, text=True, timeout=60)
+                if r.returncode != 0 or not _until(lambda: any(_pending(p, signal.SIGUSR2) for p in pids), 30):
+                    self.errors.append(f"scancel --signal=USR2 {job_id} at step {step}: {r.returncode} "
+                                       f"{r.stderr.strip()}; pending on {pids}: "
+                                       f"{[_pending(p, signal.SIGUSR2) for p in pids]}")
+                    return False
+                self.preempted = (key, job_id, step)
+            else:
+                # out of memory: the kernel kills the process, no signal to catch (it is stopped: it dies now)
+                _signal(pids, signal.SIGKILL)
+                if not _until(lambda: all(_state_of(p) in ("Z", "") for p in pids), 30):
+                    self.errors.append(f"{job_id}: {pids} still there 30 s after SIGKILL")
+                    return False
+                self.killed = (key, job_id, step)
+            return True
+        finally:
+            _signal(pids, signal.SIGCONT)
 
 
 def _queue() -> dict[str, str]:
@@ -270,21 +348,27 @@ def _logs_saying(base: Path, text: str) -> list[Path]:
 
 def test_a_preempted_and_a_killed_cell_resume_from_their_checkpoints(grids):
     d, out = grids["disturber"], grids["run"].stdout
-    assert d.preempted and d.killed, f"the cells were not caught mid-training: {out}\n{d.errors}"
-    (pkey, pjob, _), (kkey, kjob, _) = d.preempted, d.killed
+    assert not d.errors, d.errors
+    assert d.preempted and d.killed, f"the cells were not caught mid-training: {out}"
+    (pkey, pjob, pstep), (kkey, kjob, kstep) = d.preempted, d.killed
+    assert pkey != kkey and 2 <= pstep < ITERATIONS and 2 <= kstep < ITERATIONS
     # the preempted task was requeued by submitit (same job id): no failure, no second job
     assert f"cell {pkey}: job" not in out
-    (plog,) = _logs_saying(grids["slurm"], f"cell {pkey}: resumed from its checkpoint at step")
+    (plog,) = _logs_saying(grids["slurm"], f"cell {pkey}: resumed from its checkpoint at step {pstep}\n")
     assert plog.parent.name == pjob
-    assert "this job is" in (plog.parent / f"{pjob}_0_log.err").read_text()     # submitit caught SIGUSR2
+    err = (plog.parent / f"{pjob}_0_log.err").read_text()
+    assert "Caught signal SIGUSR2" in err and "this job is preempted" in err and "DUE TO JOB REQUEUE" in err
+    # (submitit's `scontrol requeue` often dies of the SIGTERM with which Slurm ends the requeued task, and the
+    # attempt exits 1 with a traceback: the requeue is done by then; the stage ignores that attempt's result)
     # the killed one was submitted again as a job of its own, which resumed
     assert f"cell {kkey}: job {kjob} ended without a result (Slurm state " in out
     assert "submitting it again" in out
-    (klog,) = _logs_saying(grids["slurm"], f"cell {kkey}: resumed from its checkpoint at step")
+    (klog,) = _logs_saying(grids["slurm"], f"cell {kkey}: resumed from its checkpoint at step {kstep}\n")
     assert klog.parent.name != kjob
-    for log in (plog, klog):
-        step = int(log.read_text().split("resumed from its checkpoint at step ")[1].split()[0])
-        assert 2 <= step < ITERATIONS
+    assert [j for k, j in _jobs(grids["slurm"] / "ck" / ".submitit") if k == kkey] == [kjob, klog.parent.name]
+    # the other two ran through
+    for key in set(_cells(grids["slurm"])) - {pkey, kkey}:
+        assert not _logs_saying(grids["slurm"], f"cell {key}: resumed"), key
 
 
 def _store(base: Path) -> tuple[list, int]:
@@ -327,33 +411,49 @@ def test_running_again_submits_only_unfinished_cells(grids):
 
 
 def test_sigterm_to_the_stage_cancels_its_jobs(grids):
+    from pipeline.executor import _state
     base, data, params = grids["slurm"], grids["data"], grids["params"]
-    for key in ("baseline-5", "baseline-6"):            # two cells to train again from scratch
+    cells = ("baseline-5", "baseline-6")
+    for key in cells:                                   # two cells to train again from scratch
         shutil.rmtree(base / "out" / key)
         shutil.rmtree(base / "ck" / key)
     folder = base / "ck" / ".submitit"
-    known = set(_task_of(folder).values())
-    proc = subprocess.Popen(_argv(base, data, params), cwd=ROOT, env=_env(base / "store"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    known = {j for _, j in _jobs(folder)}
+    logs = base / "sigterm.out", base / "sigterm.err"
+    with logs[0].open("w") as o, logs[1].open("w") as e:
+        proc = subprocess.Popen(_argv(base, data, params), cwd=ROOT, env=_env(base / "store"), stdout=o, stderr=e)
     try:
-        deadline, jobs = time.monotonic() + 300, []
-        while time.monotonic() < deadline:
-            jobs = [j for k, j in _task_of(folder).items() if j not in known]
-            if len(jobs) == 2 and all("RUNNING" in _squeue(j) for j in jobs):
+        deadline, jobs, queue = time.monotonic() + 120, [], {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            jobs = sorted((j for _, j in _jobs(folder) if j not in known), key=_order)
+            queue = _queue()
+            # the stage is past its submission (watching the queue), both cells run
+            if ("submitted 2 cells as Slurm job array" in logs[0].read_text() and len(jobs) == 2
+                    and all(queue.get(j, "").startswith("RUNNING") for j in jobs)):
                 break
             time.sleep(0.5)
-        assert len(jobs) == 2, "the cells did not start"
-        time.sleep(2)                                   # the stage is now watching the queue
+        else:
+            pytest.fail(f"the 2 cells were not running after 120 s: jobs {jobs}, queue {queue}, stage "
+                        f"{proc.poll()}: {logs[0].read_text()}{logs[1].read_text()}")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    out, err = logs[0].read_text(), logs[1].read_text()
     assert proc.returncode == 130, out + err
-    assert "cancelling 2 Slurm jobs" in err
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(_squeue(j) for j in jobs):
-        time.sleep(1)
-    assert not any(_squeue(j) for j in jobs), [_squeue(j) for j in jobs]
-    assert not (base / "out" / "baseline-5").exists() and not (base / "out" / "baseline-6").exists()
+    assert f"cancelling 2 Slurm jobs: {' '.join(jobs)}" in err
+    # the stage waited for them: once it has exited, its jobs have left the queue
+    assert not set(jobs) & set(_queue()), _queue()
+    assert [_state(j) for j in jobs] == ["CANCELLED", "CANCELLED"]
+    # nothing half-written: no temporary folder left; a cell is absent, or complete when it finished
+    # within Slurm's KillWait after the cancel (the cells ignore SIGTERM: submitit's handler)
+    left = sorted(p.name for p in (base / "out").iterdir())
+    assert [n for n in left if n not in cells] == ["full-5", "full-6"], left
+    for key in set(cells) & set(left):
+        a, b = grids["local"] / "out" / key, base / "out" / key
+        assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+    for key in cells:
+        ck = base / "ck" / key / "cell.pt"
+        assert not ck.exists() or 1 <= _ckpt_step(ck) <= ITERATIONS       # a whole checkpoint, if any

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A single-node Slurm cluster on this machine, for the tests (tests/test_slurm.py) and for trying
-# the ablation grid's Slurm executor by hand (docs/CLUSTER.md). Run as root, after
-#     apt-get install -y slurm-wlm munge
-# It writes a munge key (when there is none) and /etc/slurm/slurm.conf (this host as controller and
-# only compute node, its real CPUs and memory from `slurmd -C`, one partition `local`, every
-# address 127.0.0.1), starts munged, slurmctld and slurmd, and waits until the node takes jobs.
+# the ablation grid's Slurm executor by hand (docs/CLUSTER.md). Run as root. It installs Slurm and
+# munge when they are missing (apt-get install -y slurm-wlm munge: Debian or Ubuntu), writes a
+# munge key (when there is none) and /etc/slurm/slurm.conf (this host as controller and only
+# compute node, its real CPUs and memory from `slurmd -C`, one partition `local`, every address
+# 127.0.0.1), starts munged, slurmctld and slurmd, and waits until the node takes jobs.
 #
 # Idempotent: daemons that already run are kept (restarted only when slurm.conf changed), and a
 # node left DOWN or DRAINED by an earlier run is resumed. Prints how long the set-up took.
@@ -36,9 +36,19 @@ if [ "${1:-}" = "--stop" ]; then
     stop "$SLURMD_PID"; stop "$CTLD_PID"; stop "$MUNGED_PID"
     say "stopped"; exit 0
 fi
-for b in munged munge unmunge slurmctld slurmd sinfo sbatch scontrol; do
-    command -v "$b" >/dev/null || die "'$b' is not installed: apt-get install -y slurm-wlm munge"
-done
+BINARIES="munged munge unmunge slurmctld slurmd sinfo sbatch scontrol scancel squeue"
+missing() { for b in $BINARIES; do command -v "$b" >/dev/null || { echo "$b"; return; }; done; }
+if [ -n "$(missing)" ]; then
+    command -v apt-get >/dev/null || die "'$(missing)' is not installed, and there is no apt-get: install Slurm and munge"
+    t=$(date +%s.%N)
+    say "installing slurm-wlm and munge (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null; } \
+        || die "apt-get install -y slurm-wlm munge failed"
+    say "installed in $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $t}") s"
+fi
+[ -z "$(missing)" ] || die "'$(missing)' is still not on PATH after installing slurm-wlm and munge"
 
 # --- munge: the key and the daemon -------------------------------------------------------------
 install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
