@@ -458,12 +458,14 @@ def promote_version(client, name: str, run_id: str, value: float | None, metric:
 # ----------------------------------------------------------------------------- what the stages log
 
 def open_tracker(p, params_text: str, tags: Mapping[str, Any], name: str, phash: str | None = None,
-                 include_finished: bool = False, root=None) -> RunTracker:
+                 include_finished: bool = False, root=None, experiment: str | None = None) -> RunTracker:
     """Start, resume or reopen (by params hash) the MLflow run of the params ``p`` in the store of
     ``root`` (default: the repository's, :func:`pipeline.repo.store_root`); fails before any work
-    when the store cannot be opened. ``params_text`` is logged as the run's params.yaml."""
+    when the store cannot be opened. ``params_text`` is logged as the run's params.yaml. The
+    experiment is ``p``'s dataset and split's unless ``experiment`` names another (a grid cell on
+    another split logs to its grid's)."""
     from .config import flatten, params_hash, to_dict
-    tracker = RunTracker(root or store_root(), experiment_name(p.data.dataset, p.data.split))
+    tracker = RunTracker(root or store_root(), experiment or experiment_name(p.data.dataset, p.data.split))
     tracker.start(phash or params_hash(p), run_name(name), flatten(to_dict(p)), params_text, tags=tags,
                   include_finished=include_finished)
     return tracker
@@ -517,7 +519,8 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
     exactly ``cells``.
 
     ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat``,
-    ``params_text`` (the cell's effective params) and ``metrics``. A cell's own run (found by
+    ``params_text`` (the cell's effective params) and ``metrics``; optionally ``split`` (tag) and
+    ``name`` (the run name; default ``<variant>-seed<seed>``). A cell's own run (found by
     params hash: the ablate stage's, or the main training's for the shared cell) becomes the
     child when it has no parent; one that already belongs to another grid gets a link child
     here (tag ``linked_run_id``; the run itself is never moved); a cell restored by a DVC
@@ -541,9 +544,10 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
         client, exp_id = parent.client, parent.experiment_id
         children = {}
         for cell in cells:
-            name = f"{cell['variant']}-seed{cell['seed']}"
+            name = cell.get("name") or f"{cell['variant']}-seed{cell['seed']}"
             tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "grid_id": grid_id,
-                    "mlflow.parentRunId": parent.run_id}
+                    "mlflow.parentRunId": parent.run_id,
+                    **({"split": str(cell["split"])} if cell.get("split") is not None else {})}
             own = next(iter(find_runs(client, exp_id, {"params_hash": cell["params_hash"]})), None)
             if own is None or own.data.tags.get("mlflow.parentRunId") in (None, parent.run_id):
                 with RunTracker(root, experiment, strict=True) as tr:

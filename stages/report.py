@@ -38,16 +38,18 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import repo, tracking
-    from pipeline.ablation import cell_runs, grid_hash, main_run_name, novel_mask_variants, pp_weight_sweep
+    from pipeline.ablation import (cell_runs, grid_cells, grid_hash, main_run_name, novel_mask_variants,
+                                   pp_weight_sweep)
     from pipeline.report import Grid, Inputs, write_report
     from pipeline.report import ablation as ab
 
     grid, pp_weights, novel_masks = None, {}, {}
     if args.cells is not None and g is not None:
         variants = list(g.run)
-        cells = ab.grid_cells(args.cells, g.cells())
+        cells = ab.grid_cells(args.cells, [c.key for c in grid_cells(g, p.data.split)])
         table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
-        grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells)
+        grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells,
+                    list(g.splits))
         pp_weights = pp_weight_sweep(raw, g)
         novel_masks = novel_mask_variants(raw, g)
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)
@@ -67,7 +69,7 @@ def main() -> None:
     write_report(inputs, args.out, args.html, args.ablation_md, args.ablation_json)
 
     if grid is not None and not args.no_mlflow:
-        metrics = {(r["variant"], r["seed"]): r for r in cells.to_dict("records")}
+        metrics = {r["key"]: r for r in cells.to_dict("records")}
         runs = cell_runs(raw, g, {k: {m: v[m] for m in ab.SUMMARY_KEYS} for k, v in metrics.items()})
         summary = {f"{v}.{m}.{stat}": x for v, ms in ab.ablation_summary(table).items() for m, st in ms.items()
                    for stat, x in st.items() if stat != "n" and x is not None}
@@ -75,7 +77,7 @@ def main() -> None:
             repo.store_root(), tracking.experiment_name(p.data.dataset, p.data.split),
             grid_hash([c["params_hash"] for c in runs]),
             {"ablation.seeds": g.seeds, "ablation.iterations": g.iterations, "ablation.variants": ",".join(variants),
-             "cells": len(runs)}, runs, summary, params_text,
+             "cells": len(runs), **({"ablation.splits": g.splits} if g.splits else {})}, runs, summary, params_text,
             [x for x in (args.out, args.html, args.ablation_md, args.ablation_json) if x])
         print(f"MLflow: grid run {out['parent']} with {len(out['children'])} cell runs")
     print(f"report -> {args.out}" + "".join(f", {x}" for x in (args.ablation_md, args.ablation_json, args.html) if x))
