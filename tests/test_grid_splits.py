@@ -177,6 +177,20 @@ def test_a_tiny_grid_over_two_splits(tiny_data, store, tmp_path, capsys):
                             ("baseline-split2-seed4", "simformer-synthetic-split1", "2", "2"),
                             ("full-seed4", "simformer-synthetic-split1", "1", "1"),
                             ("full-split2-seed4", "simformer-synthetic-split1", "2", "2")]
+    # the report's grid run (stages/report.py): each cell's own run becomes its child, split 2's included
+    from pipeline import tracking
+    from pipeline.ablation import cell_runs, grid_hash
+    grid = build_ablation(raw["ablation"])
+    metrics = {k: json.loads((out / k / "metrics.json").read_text()) for k in ("baseline-4", "full-4", "baseline-s2-4",
+                                                                              "full-s2-4")}
+    runs = cell_runs(raw, grid, metrics)
+    assert [(c["name"], c["split"]) for c in runs] == [("baseline-seed4", 1), ("baseline-split2-seed4", 2),
+                                                       ("full-seed4", 1), ("full-split2-seed4", 2)]
+    synced = tracking.sync_grid(store, "simformer-synthetic-split1", grid_hash([c["params_hash"] for c in runs]),
+                                {"cells": 4}, runs, {}, "x: 1\n")
+    own = {k: json.loads((out / k / "cell.json").read_text())["run_id"] for k in metrics}
+    assert synced["children"] == {"baseline-seed4": own["baseline-4"], "baseline-split2-seed4": own["baseline-s2-4"],
+                                  "full-seed4": own["full-4"], "full-split2-seed4": own["full-s2-4"]}
     # again, one cell: the initialisation is reused (not re-made), the finished cell only evaluated
     before = (ck / "split-2/init.pt").stat().st_mtime_ns
     assert run_stage("ablate", *argv, "--cell", "full-s2-4", "--no-mlflow") == 0
