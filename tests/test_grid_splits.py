@@ -191,6 +191,16 @@ def test_a_tiny_grid_over_two_splits(tiny_data, store, tmp_path, capsys):
     own = {k: json.loads((out / k / "cell.json").read_text())["run_id"] for k in metrics}
     assert synced["children"] == {"baseline-seed4": own["baseline-4"], "baseline-split2-seed4": own["baseline-s2-4"],
                                   "full-seed4": own["full-4"], "full-split2-seed4": own["full-s2-4"]}
+    # the report stage over the two splits (full-4's files stand in for the main model's)
+    rep = tmp_path / "report"
+    assert run_stage("report", "--params", params, "--metrics", out / "full-4/metrics.json", "--per-class",
+                     out / "full-4/per_class_iou.csv", "--curve", out / "full-4/curve.csv", "--cells", out,
+                     "--out", rep / "report.md", "--figures", rep / "figures", "--no-mlflow") == 0
+    md = (rep / "report.md").read_text()
+    assert "- ablation grid: 2 variants × splits 1, 2 × seeds 4; 2 iterations per cell; each split's cells" in md
+    assert "| **baseline** | s1: 4; s2: 4 |" in md and "| full | s1: 4; s2: 4 |" in md
+    assert "Splits 1, 2 × seeds 4 (2 cells per variant)" in md
+    assert "Paired by split and seed, pairs (split, seed)" in md
     # again, one cell: the initialisation is reused (not re-made), the finished cell only evaluated
     before = (ck / "split-2/init.pt").stat().st_mtime_ns
     assert run_stage("ablate", *argv, "--cell", "full-s2-4", "--no-mlflow") == 0
