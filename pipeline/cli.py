@@ -93,16 +93,23 @@ def load_params_raw(path: Path) -> tuple[Params, str, dict, AblationConfig | Non
     """Validated params, the file's text, the parsed mapping and the ablation grid (None when the
     file has no ``ablation`` group). Every group is validated here, before any work: the typed
     groups and the grid, including every variant's overrides."""
-    from .ablation import check_variants
     raw, text = read_params_file(path)
     try:
-        params = build_params(raw)
-        grid = build_ablation(raw["ablation"]) if "ablation" in raw else None
-        if grid is not None:
-            check_variants(raw, grid)
+        params, grid = validate_params(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return params, text, raw, grid
+
+
+def validate_params(raw: dict) -> tuple[Params, AblationConfig | None]:
+    """The typed params and the ablation grid (None without an ``ablation`` group) of a parsed params
+    mapping, every group validated (the grid with every variant's overrides); a ConfigError names the key."""
+    from .ablation import check_variants
+    params = build_params(raw)
+    grid = build_ablation(raw["ablation"]) if "ablation" in raw else None
+    if grid is not None:
+        check_variants(raw, grid)
+    return params, grid
 
 
 def _terminate(signum, frame):

@@ -254,14 +254,21 @@ def run_cells(jobs: list[CellJob], workers: int, on_done: Callable[[CellJob, dic
     return run_parallel(run_cell, jobs, workers, on_done)
 
 
-def log_gathered_cell(job: CellJob) -> str | None:
+def log_gathered_cell(job: CellJob, *, tags: Mapping[str, str] | None = None, phash: str | None = None,
+                      experiment: str | None = None, name: str | None = None, executor: str = "slurm",
+                      record: bool = True) -> str | None:
     """Log a cell that ran elsewhere (a Slurm node, ``job.mlflow`` False) to MLflow from here, from
     its outputs in ``job.out``: what :func:`run_cell` logs itself (params, the training curve, the
-    model, the metrics and tags), into the run of its params hash. Running it again logs nothing
-    twice: metrics are logged last, and a run that has them all is left as it is. A finished run
-    of these params that recorded other metrics stays as it is and the cell gets a new run
-    (tagged ``differs_from_run_id``), like :func:`run_cell`. The run id is written into cell.json.
-    Returns the run id."""
+    model, the metrics, the held-out AUCs and tags), into the run of its params hash. Running it again
+    logs nothing twice: metrics are logged last, and a run that has them all is left as it is. A
+    finished run of these params that recorded other metrics stays as it is and the cell gets a new run
+    (tagged ``differs_from_run_id``), like :func:`run_cell`. The run id is written into cell.json
+    (``record``). Returns the run id.
+
+    An offline bundle (:mod:`pipeline.offline`) logs its cells here too: ``tags`` (provenance) are
+    added, ``phash`` (the run's ``params_hash`` tag: the bundle's own, so that no run of this store is
+    reopened), ``experiment``, ``name`` and the tag ``executor`` replace the defaults; a cell folder
+    without ``model.pt`` logs no model, and one whose dataset is not here logs the file as an artifact."""
     import contextlib
     import math
 
@@ -273,19 +280,21 @@ def log_gathered_cell(job: CellJob) -> str | None:
 
     cell = read_json(job.out / "cell.json")
     metrics = {k: v for k, v in read_json(job.out / "metrics.json").items() if v is not None}
+    metrics.update({k: v for k, v in (cell.get("heldout") or {}).items() if v is not None})   # as run_cell logs them
     facts = {k: v for k, v in cell.items() if k not in ("variant", "seed", "params_hash", "shared_with_main",
-                                                        "iterations", "torch_threads", "run_id")}
-    tags = {"stage": "ablate", "variant": job.variant, "seed": str(job.seed), "split": str(job.params.data.split)}
-    name, experiment = job.run_name, job.experiment()
+                                                        "iterations", "torch_threads", "run_id", "heldout")}
+    tags = {"stage": "ablate", "variant": job.variant, "seed": str(job.seed), "split": str(job.params.data.split),
+            **(tags or {})}
+    name = name or job.run_name
+    where = {"phash": phash, "experiment": experiment or job.experiment()}
     with contextlib.ExitStack() as runs:
         tracker = runs.enter_context(open_tracker(job.params, job.params_text, tags, name, include_finished=True,
-                                                  experiment=experiment))
+                                                  **where))
         logged = tracker.client.get_run(tracker.run_id).data.metrics
         if any(metric_key(k) in logged and logged[metric_key(k)] != v for k, v in metrics.items()):
             old = tracker.run_id
             tracker = runs.enter_context(open_tracker(job.params, job.params_text,
-                                                      {**tags, "differs_from_run_id": old}, name,
-                                                      experiment=experiment))
+                                                      {**tags, "differs_from_run_id": old}, name, **where))
             logged = {}
             print(f"cell {job.key}: the finished MLflow run {old} of these params recorded other metrics; "
                   f"logging to a new run {tracker.run_id}")
@@ -298,15 +307,18 @@ def log_gathered_cell(job: CellJob) -> str | None:
                     step = rec.get("step")
                     tracker.log_metrics({k: v for k, v in rec.items() if k != "step"},
                                         step=None if step is None or math.isnan(step) else int(step))
-                index = read_json(job.split_dir / "index.json")
                 tracker.set_tags({"torch_threads": str(cell.get("torch_threads") or "default"),
-                                  "executor": "slurm"})
-                tracker.log_model(job.out / "model.pt", input_example(job.dataset_dir, index))
+                                  "executor": executor})
+                model = job.out / "model.pt"
+                if model.is_file() and (job.split_dir / "index.json").is_file():
+                    tracker.log_model(model, input_example(job.dataset_dir, read_json(job.split_dir / "index.json")))
+                elif model.is_file():
+                    tracker.log_artifact(model, "model")
             tracker.set_tags({"variant": job.variant, "seed": str(job.seed), "split": tags["split"],
                               **{f"eval.{k}": v for k, v in facts.items()}})
             tracker.log_metrics(missing)
         run_id = tracker.run_id
-    if cell.get("run_id") != run_id:
+    if record and cell.get("run_id") != run_id:
         write_json(job.out / "cell.json", {**cell, "run_id": run_id})
     return run_id
 

@@ -11,6 +11,7 @@ process ends, however it ends, so a killed training is never counted.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.context
 import os
 import tempfile
 from pathlib import Path
@@ -97,6 +98,28 @@ class CoreShare:
             self._fh = None
 
 
+class _NonDaemonProcess(multiprocessing.context.SpawnProcess):
+    """A spawned pool worker that is never daemonic, so that it may start processes of its own.
+
+    multiprocessing.Pool makes its workers daemonic, and a daemonic process may not have children: an
+    ablation cell whose training has DataLoader workers (``train.workers`` > 0, as the paper presets
+    set for a GPU machine) stopped with "daemonic processes are not allowed to have children".
+    :func:`run_parallel` always ends its workers itself (closed and joined, or terminated on a
+    failure), so nothing relies on the flag."""
+
+    @property
+    def daemon(self) -> bool:
+        return False
+
+    @daemon.setter
+    def daemon(self, value: bool) -> None:      # the pool sets True: ignored
+        pass
+
+
+class _NonDaemonSpawn(multiprocessing.context.SpawnContext):
+    Process = _NonDaemonProcess
+
+
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
@@ -120,7 +143,8 @@ def run_parallel(fn, jobs: list, workers: int, on_done=None, chunksize: int = 1)
     ``chunksize``: jobs handed to a worker at a time (more than 1 for many short jobs).
 
     ``workers`` <= 1 (or a single job) runs the jobs here, one after the other. Otherwise the workers
-    are spawned processes (never forked: torch's thread pools do not survive a fork). The first
+    are spawned processes (never forked: torch's thread pools and CUDA do not survive a fork), not
+    daemonic, so that a job may start processes itself (a training's DataLoader workers). The first
     failure stops the others (terminated: SIGTERM, which they turn into KeyboardInterrupt) and is
     raised here, with its own type and message.
     """
@@ -131,8 +155,8 @@ def run_parallel(fn, jobs: list, workers: int, on_done=None, chunksize: int = 1)
             out.append(fn(job))
             done(job, out[-1])
         return out
-    import multiprocessing
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
+    from multiprocessing.pool import Pool
+    pool = Pool(min(workers, len(jobs)), initializer=_worker_init, context=_NonDaemonSpawn())
     results = {}
     try:
         for i, result in pool.imap_unordered(_call, [(fn, i, job) for i, job in enumerate(jobs)],

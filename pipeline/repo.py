@@ -43,3 +43,11 @@ def dvc_out(path, cwd=None) -> dict | None:
                 return {"stage": stage, "path": str(out["path"]), "md5": str(out["md5"]),
                         "size": out.get("size"), "nfiles": out.get("nfiles")}
     return None
+
+
+def git_dirty(root) -> bool | None:
+    """Whether tracked files at ``root`` differ from ``HEAD`` (untracked files aside); None outside a
+    repository or without git."""
+    if _git(root, "rev-parse", "HEAD") == "":
+        return None
+    return bool(_git(root, "status", "--porcelain", "--untracked-files=no"))

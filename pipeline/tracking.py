@@ -460,10 +460,9 @@ def promote_version(client, name: str, run_id: str, value: float | None, metric:
 def open_tracker(p, params_text: str, tags: Mapping[str, Any], name: str, phash: str | None = None,
                  include_finished: bool = False, root=None, experiment: str | None = None) -> RunTracker:
     """Start, resume or reopen (by params hash) the MLflow run of the params ``p`` in the store of
-    ``root`` (default: the repository's, :func:`pipeline.repo.store_root`); fails before any work
-    when the store cannot be opened. ``params_text`` is logged as the run's params.yaml. The
-    experiment is ``p``'s dataset and split's unless ``experiment`` names another (a grid cell on
-    another split logs to its grid's)."""
+    ``root`` (default: the repository's, :func:`pipeline.repo.store_root`), in ``experiment`` (default:
+    :func:`experiment_name` of the params); fails before any work when the store cannot be opened.
+    ``params_text`` is logged as the run's params.yaml."""
     from .config import flatten, params_hash, to_dict
     tracker = RunTracker(root or store_root(), experiment or experiment_name(p.data.dataset, p.data.split))
     tracker.start(phash or params_hash(p), run_name(name), flatten(to_dict(p)), params_text, tags=tags,

@@ -38,20 +38,14 @@ def main() -> None:
     import pandas as pd
 
     from pipeline import repo, tracking
-    from pipeline.ablation import (cell_runs, grid_cells, grid_hash, main_run_name, novel_mask_variants,
-                                   pp_weight_sweep)
-    from pipeline.report import Grid, Inputs, write_report
+    from pipeline.ablation import cell_runs, grid_hash, main_run_name
+    from pipeline.report import Inputs, write_report
     from pipeline.report import ablation as ab
+    from pipeline.report.build import data_setting, grid_inputs
 
     grid, pp_weights, novel_masks = None, {}, {}
     if args.cells is not None and g is not None:
-        variants = list(g.run)
-        cells = ab.grid_cells(args.cells, [c.key for c in grid_cells(g, p.data.split)])
-        table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
-        grid = Grid(table, args.cells, variants, list(g.seeds), g.iterations or p.train.iterations, cells,
-                    list(g.splits))
-        pp_weights = pp_weight_sweep(raw, g)
-        novel_masks = novel_mask_variants(raw, g)
+        grid, pp_weights, novel_masks = grid_inputs(args.cells, raw, g, p.train.iterations)
     have_model = None not in (args.model, args.dataset_dir, args.split_dir)
     retrain = (read_json(args.retrain_metrics).get("retrain") if args.retrain_metrics and args.retrain_metrics.is_file()
                else None)
@@ -69,6 +63,7 @@ def main() -> None:
     write_report(inputs, args.out, args.html, args.ablation_md, args.ablation_json)
 
     if grid is not None and not args.no_mlflow:
+        cells, table, variants = grid.cells, grid.table, grid.variants
         metrics = {r["key"]: r for r in cells.to_dict("records")}
         runs = cell_runs(raw, g, {k: {m: v[m] for m in ab.SUMMARY_KEYS} for k, v in metrics.items()})
         summary = {f"{v}.{m}.{stat}": x for v, ms in ab.ablation_summary(table).items() for m, st in ms.items()
@@ -81,15 +76,6 @@ def main() -> None:
             [x for x in (args.out, args.html, args.ablation_md, args.ablation_json) if x])
         print(f"MLflow: grid run {out['parent']} with {len(out['children'])} cell runs")
     print(f"report -> {args.out}" + "".join(f", {x}" for x in (args.ablation_md, args.ablation_json, args.html) if x))
-
-
-def data_setting(p) -> str:
-    """What the data of this run models (the verdict section's data setting)."""
-    if p.data.dataset == "synthetic":
-        from pipeline.data.synthetic import describe_setting
-        return describe_setting(p.data.synthetic.cooccur)
-    return (f"the real dataset `{p.data.dataset}`, split {p.data.split}: its classes co-occur as they do in its "
-            "scenes, beside unlabelled pixels")
 
 
 def changed_params(path: Path, raw: dict) -> dict | None:

@@ -276,6 +276,9 @@ def test_a_gathered_cell_is_logged_once(tmp_path, monkeypatch):
     m = json.loads((job.out / "metrics.json").read_text())
     assert ("mIoU", 0, m["mIoU"]) in metrics
     assert sorted(s for k, s, _ in metrics if k == "loss") == [1, 2, 3]          # the curve, per step
+    heldout = json.loads((job.out / "cell.json").read_text())["heldout"]      # metrics, as run_cell logs them
+    assert heldout and all((k, 0, v) in metrics for k, v in heldout.items() if v is not None)
+    assert "eval.heldout" not in tags
 
     assert log_gathered_cell(job) == run_id
     assert store() == (runs, metrics, tags, models)

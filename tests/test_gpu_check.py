@@ -22,11 +22,11 @@ def test_smoke_run_on_cpu_writes_every_file(tmp_path):
     out = tmp_path / "gpu"
     r = _run("--out", out, "--device", "cpu", "--smoke", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "benchmark.md", "cuda_tests.txt",
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "benchmark.md", "cuda_tests.txt", "grid.json",
                                                       "paper_training.json", "results.json", "summary.md"]
     res = json.loads((out / "results.json").read_text())
     assert res["smoke"] is True and all(s["ok"] for s in res["steps"].values()), res["steps"]
-    assert set(res["steps"]) == {"environment", "matmul", "cuda tests", "benchmark", "paper training"}
+    assert set(res["steps"]) == {"environment", "matmul", "cuda tests", "benchmark", "paper training", "grid"}
     assert res["environment"]["device"] == "cpu" and res["matmul"]["tflops_per_s"] > 0
     assert res["cuda_tests"]["stand_in_cpu"] and "passed" in res["cuda_tests"]["summary"]
     assert "-m cuda" in (out / "cuda_tests.txt").read_text()
@@ -39,6 +39,14 @@ def test_smoke_run_on_cpu_writes_every_file(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check (smoke") and "Paper training: 2 steps" in summary
     assert "| 64x2 |" in (out / "benchmark.md").read_text()
+    g = json.loads((out / "grid.json").read_text())
+    assert sorted(g["by_procs"]) == ["1", "2"] and g["steps"] == 3 and g["cell_steps"] == 3000
+    for n, rec in g["by_procs"].items():
+        assert len(rec["seconds_per_step"]) == int(n) and all(s > 0 for s in rec["seconds_per_step"])
+        assert rec["aggregate_steps_per_s"] == sum(1 / s for s in rec["seconds_per_step"])
+        assert rec["cells_per_hour"] == rec["aggregate_steps_per_s"] * 3600 / 3000
+    assert g["by_procs"]["1"]["speedup_vs_1"] == 1.0 and g["best"] in (1, 2)
+    assert "Grid on one device (3 steps per cell" in summary
 
 
 def test_paper_params_are_the_preset_on_synthetic_data():
@@ -54,5 +62,7 @@ def test_paper_params_are_the_preset_on_synthetic_data():
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
     r = _run("--out", tmp_path / "x", "--device", "cpu", "--skip", "benchmrk", timeout=120)
     assert r.returncode == 1 and "--skip: unknown step 'benchmrk'" in r.stderr
+    r = _run("--out", tmp_path / "x", "--device", "cpu", "--grid-procs", "2,x", timeout=120)
+    assert r.returncode == 1 and "--grid-procs: expected a comma list of positive integers, got '2,x'" in r.stderr
     r = _run("--out", tmp_path / "x", "--device", "cpu", "--paper-preset", tmp_path / "none.yaml", timeout=120)
     assert r.returncode == 1 and "none.yaml" in r.stderr and not (tmp_path / "x").exists()

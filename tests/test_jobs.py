@@ -111,3 +111,17 @@ def test_pool_hands_out_chunks_and_its_workers_end_quietly(capfd):
     assert len({r["pid"] for r in out}) <= 2 and os.getpid() not in {r["pid"] for r in out}
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def _job_with_a_child(job: dict) -> dict:
+    """A pool job that starts a process of its own, as a training's DataLoader workers do."""
+    from torch.utils.data import DataLoader
+    return {"i": job["i"], "batches": [int(b) for b in DataLoader(range(3), num_workers=1)]}
+
+
+def test_pool_workers_may_start_processes_of_their_own():
+    """An ablation cell whose training has DataLoader workers (train.workers > 0, the paper presets on a
+    GPU machine) starts processes inside a pool worker: a daemonic worker may not ("daemonic processes
+    are not allowed to have children")."""
+    out = run_parallel(_job_with_a_child, [{"i": 0}, {"i": 1}], 2)
+    assert out == [{"i": 0, "batches": [0, 1, 2]}, {"i": 1, "batches": [0, 1, 2]}]

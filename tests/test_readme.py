@@ -214,9 +214,10 @@ def test_readme_is_short_and_leads_with_the_result():
     for title in ("Vary a run", "Compare runs in MLflow", "Coming from SimFormer / MaskFormer", "Predict", "Layout",
                   "Tests"):
         assert title in sections, title
-    # one time figure for the whole pipeline, in the Quick start
+    # one time figure for the whole pipeline per CPU type measured, in the Quick start
     quick = _section(text, "Quick start")
-    assert len(re.findall(r"\d+ min \d+ s", quick)) == 1, quick
+    figures = re.findall(r"\*\*(\d+ min \d+ s)\*\* on an? (Intel Xeon|AMD EPYC)", " ".join(quick.split()))
+    assert len(re.findall(r"\d+ min \d+ s", quick)) == 2 and {cpu for _, cpu in figures} == {"Intel Xeon", "AMD EPYC"}, quick
     # every section after the Quick start points to the page with its details
     for title in sections[1:]:
         assert re.search(r"\]\((docs/|reports/README\.md)", _section(text, title)), f"README section '{title}' links nowhere"
@@ -530,7 +531,7 @@ def test_readme_result_table_is_the_committed_reports():
     prose = " ".join(result.split())
     keys = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU", "pAcc")
     metrics = json.loads(_text(ROOT / "reports" / "metrics.json"))
-    assert _row(result, "main model (seed 6)")[:5] == [_fmt(metrics[k]) for k in keys]
+    assert _row(result, "main model (seed 6, AMD EPYC)")[:5] == [_fmt(metrics[k]) for k in keys]
     base = json.loads(_text(ROOT / "reports" / "baselines.json"))
     assert _row(result, "trivial: nearest mean colour")[:5] == [_fmt(base["nearest_colour"][k]) for k in keys]
     assert _row(result, "trivial: majority class")[:5] == [_fmt(base["majority"][k]) for k in keys]
@@ -547,6 +548,16 @@ def test_readme_result_table_is_the_committed_reports():
     interval = f"[{_fmt(m['mean'] - half)}, {_fmt(m['mean'] + half)}]"
     assert f"mIoU is {interval}" in prose, interval
     assert interval in _text(ROOT / "reports" / "evidence" / "README.md")
+
+
+def test_readme_headline_is_the_default_reports_first_line():
+    """The README's headline interval is the one the default run's report opens with."""
+    result = " ".join(_section(_text(README), "Result").split())
+    answer = _section(_text(ROOT / "reports" / "report.md"), "Answer")
+    head = next(ln for ln in answer.splitlines() if ln.startswith("- **Headline: full SimFormer over 3 seeds**"))
+    novel = re.search(r"novel mIoU \*\*([\d.]+)\*\* (\[[\d.]+, [\d.]+\])", head).groups()
+    miou = re.search(r", mIoU \*\*([\d.]+)\*\* (\[[\d.]+, [\d.]+\])", head).groups()
+    assert f"novel mIoU **{novel[0]} {novel[1]}**, mIoU **{miou[0]} {miou[1]}**" in result, (novel, miou)
 
 
 def test_readme_ablation_verdict_is_the_evidence_report():
@@ -660,4 +671,5 @@ def test_readme_exp_show_line_fits_a_terminal(tmp_path: Path):
     assert "…" not in r.stdout and max(map(len, out)) <= 120, r.stdout
     for col in ("mIoU_novel", "loss.pp_weight", "baseline.mIoU_novel.mean", "full.mIoU_novel.mean"):
         assert col in header, r.stdout
-    assert sum(ln.count("65.937") for ln in out) == 2          # reports/metrics.json's novel mIoU, both rows
+    novel = json.loads(_text(ROOT / "reports" / "metrics.json"))["mIoU_novel"]
+    assert sum(ln.count(f"{novel:.5g}") for ln in out) == 2     # reports/metrics.json's novel mIoU, both rows

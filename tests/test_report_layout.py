@@ -1,5 +1,6 @@
-"""The report opens with the answer (three lines: the main model against its target, the grid's
-order by novel mIoU, full − +complementary with its interval), the training times sit under
+"""The report opens with the answer (four lines: the headline, full SimFormer's mean over the grid's
+seeds with its interval; the main model against its target; the grid's order by novel mIoU;
+full − +complementary with its interval), the training times sit under
 *Run* (last), and every figure panel has a title (not cut off), a y label and a legend."""
 from __future__ import annotations
 
@@ -79,7 +80,15 @@ def test_the_report_opens_with_the_answer(tmp_path):
     body = md.split("\n## ", 2)[1]                      # the first section, right under the title
     assert md.startswith("# SimFormer\n\n## Answer\n")
     lines = [ln for ln in body.splitlines() if ln.startswith("- ")]
-    assert len(lines) == 3, body
+    assert len(lines) == 4, body
+    # full over seeds 6, 7, 8: novel 57, 58, 57.5 -> 57.5 ± 0.5, t(2) interval; mIoU 60 + novel / 10
+    x = np.array([57.0, 58.0, 57.5])
+    h = 4.302652729911275 * x.std(ddof=1) / np.sqrt(3)
+    assert lines.pop(0) == (f"- **Headline: full SimFormer over 3 seeds** (6, 7, 8; 30 iterations each), mean and 95% t "
+                            f"interval: novel mIoU **57.5** [{57.5 - h:.1f}, {57.5 + h:.1f}], mIoU **65.8** "
+                            f"[{65.75 - h / 10:.1f}, {65.75 + h / 10:.1f}], hIoU **57.5** [{57.5 - h:.1f}, "
+                            f"{57.5 + h:.1f}]. One seed's figure moves with the CPU and the thread count; quote the "
+                            "interval.")
     assert lines[0].startswith("- **Main model** (full-seed6 (main), 30 iterations): novel mIoU 65.9, mIoU 75.1, "
                                "pAcc 89.3: meets its target (pAcc ≥ 80 and mIoU ≥ 73.6")
     assert lines[1] == ("- **Grid by novel mIoU** (mean over seeds 6, 7, 8): oracle 73.8 > full 57.5 > "
@@ -104,8 +113,10 @@ def test_answer_without_a_grid_or_baselines(tmp_path):
     r.baselines = None
     parts = write_report(r, tmp_path / "report.md")
     text = parts[0].markdown
-    assert parts[0].heading == "Answer" and text.count("\n- ") + text.startswith("- ") == 3
+    assert parts[0].heading == "Answer" and text.count("\n- ") + text.startswith("- ") == 4
     assert "no target to compare with" in text and "Grid**: none in this run" in text
+    assert text.startswith("- **Headline**: no `full` cells over two or more seeds in this run's grid, so no "
+                           "interval: the main model's single seed below is a quick look")
     assert "The main model trained 30 steps in 60 s." in parts[-1].markdown
 
 

@@ -171,7 +171,7 @@ def test_report_has_the_verdict_section_and_novel_mask_notes(grid_cells, tmp_pat
 
 def test_data_setting_sentence():
     from pipeline.config import build_params
-    from stages.report import data_setting
+    from pipeline.report.build import data_setting
     from tests.conftest import file_params
     assert "cooccur: 0`" in data_setting(build_params(file_params()))
     assert "50%" in data_setting(build_params(file_params({"data": {"synthetic": {"cooccur": 0.5}}})))

@@ -19,9 +19,13 @@ Steps (a failing step is recorded and the others still run; the exit status is 1
   paper training  the paper preset trained --train-steps steps on synthetic images at its crop:
                   the loss falls, no NaN, seconds per iteration, and the hours the paper's 160k
                   (ADE20K) and 60k (COCO-Stuff-10K) iterations would take on this device
+  grid            how many grid cells the device should train at once: 1, 2, 4, 8 processes
+                  (--grid-procs) each train the params file's cell (the default small model)
+                  --grid-steps steps at the same time; aggregate steps/s, speed-up, and the
+                  3000-step cells per hour (the similarity verdict's cell length)
 
 Files: results.json (everything but the benchmark record), benchmark.json, benchmark.md,
-cuda_tests.txt, paper_training.json, summary.md.
+cuda_tests.txt, paper_training.json, grid.json, summary.md.
 """
 from __future__ import annotations
 
@@ -81,15 +85,24 @@ def main(argv: list[str] | None = None) -> int:
                          "batch 2, 2 training steps, the quick CUDA tests only): checks the command, measures nothing")
     ap.add_argument("--train-steps", type=int, default=300, help="paper training steps (default 300)")
     ap.add_argument("--bench-steps", type=int, default=20, help="timed benchmark steps per measurement (default 20)")
-    ap.add_argument("--skip", default="", help="comma list of steps to skip: tests, benchmark, training")
+    ap.add_argument("--grid-procs", default="1,2,4,8",
+                    help="grid step: comma list of how many cells train at once (default 1,2,4,8)")
+    ap.add_argument("--grid-steps", type=int, default=150, help="grid step: training steps per cell (default 150)")
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: tests, benchmark, training, grid")
     ap.add_argument("--paper-preset", type=Path, default=ROOT / "presets/paper-coco_stuff_10k.yaml",
                     help="the paper preset (default: presets/paper-coco_stuff_10k.yaml)")
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if bad := skip - {"tests", "benchmark", "training"}:
-        raise ValueError(f"--skip: unknown step '{sorted(bad)[0]}'; allowed: tests, benchmark, training")
-    if args.train_steps < 2 or args.bench_steps < 1:
-        raise ValueError("--train-steps must be >= 2 and --bench-steps >= 1")
+    if bad := skip - {"tests", "benchmark", "training", "grid"}:
+        raise ValueError(f"--skip: unknown step '{sorted(bad)[0]}'; allowed: tests, benchmark, training, grid")
+    if args.train_steps < 2 or args.bench_steps < 1 or args.grid_steps < 2:
+        raise ValueError("--train-steps and --grid-steps must be >= 2 and --bench-steps >= 1")
+    try:
+        grid_procs = sorted({int(x) for x in args.grid_procs.split(",") if x.strip()})
+    except ValueError:
+        grid_procs = []
+    if not grid_procs or grid_procs[0] < 1:
+        raise ValueError(f"--grid-procs: expected a comma list of positive integers, got '{args.grid_procs}'")
     p, _ = load_params(args.params)
     base_raw = yaml.safe_load(Path(args.params).read_text())
     try:
@@ -174,6 +187,20 @@ def main(argv: list[str] | None = None) -> int:
             return {k: v for k, v in out.items() if k != "curve"}
         results["paper_training"] = _step(results, "paper training", training, log)
 
+    if "grid" not in skip:
+        def grid():
+            steps = 3 if smoke else args.grid_steps
+            procs = [1, 2] if smoke else grid_procs
+            cell = paper_params(base_raw, {}, crop=p.data.crop_size, batch=p.train.batch_size, steps=steps,
+                                device=str(device), workers=0)      # the params file's cell, random init
+            with tempfile.TemporaryDirectory(prefix="simformer-gpucheck-grid-") as tmp:
+                ds, split, index = make_dataset(Path(tmp), cell, 32 if smoke else 160, 2,
+                                                p.data.synthetic.image_size)
+                out = gpucheck.concurrent_training(cell, ds, split, index, Path(tmp), procs, os.cpu_count() or 1, log)
+            write_json(args.out / "grid.json", out)
+            return out
+        results["grid"] = _step(results, "grid", grid, log)
+
     write_json(args.out / "results.json", results)
     write_text(args.out / "summary.md", summary_markdown(results))
     failed = [k for k, v in results["steps"].items() if not v["ok"]]
@@ -256,6 +283,12 @@ def summary_markdown(r: dict) -> str:
                       f"{'finite' if t['finite'] else 'NON-FINITE'}; at this rate the paper's schedules take "
                       f"{h['ade20k']:.1f} h (ADE20K, 160k) and {h['coco_stuff_10k']:.1f} h (COCO-Stuff-10K, 60k) on "
                       f"this one device ({t['paper_setup']})."]
+    if g := r.get("grid"):
+        lines += ["", f"Grid on one device ({g['steps']} steps per cell, the params file's model): "
+                      + "; ".join(f"{n} at once: {v['aggregate_steps_per_s']:.1f} steps/s "
+                                  f"({_f(v['speedup_vs_1'], '{:.2f}x')}), {v['cells_per_hour']:.0f} cells/h"
+                                  for n, v in g["by_procs"].items())
+                      + f". Best: {g['best']} at once ({g['cell_steps']}-step cells per hour)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Measurements of the GPU check (``python -m tools.gpu_check``) that the benchmark does not make:
-the device's measured bf16 matmul rate (the MFU denominator one can trust) and a short training
-of the paper's model at the paper's resolution, projected to the paper's schedules.
+the device's measured bf16 matmul rate (the MFU denominator one can trust), a short training
+of the paper's model at the paper's resolution, projected to the paper's schedules, and how
+many grid cells one device trains at once best (:func:`concurrent_training`).
 
 Nothing here imports DVC or MLflow: the GPU machine has neither.
 """
@@ -96,3 +97,82 @@ def short_training(p: Params, dataset_dir: Path, split: dict, index: dict, workd
                                                  if device.type == "cuda" else None),
             "hours_for_paper_schedule": hours, "paper_setup": PAPER_SETUP,
             "curve": [{"step": r["step"], "loss": r["loss"]} for r in out.history]}
+
+
+# ----------------------------------------------------------------------------- the grid on one device
+CELL_STEPS = 3000           # the similarity verdict's cell length: cells per hour are quoted at it
+
+
+def _concurrent_worker(rank: int, p: Params, dataset_dir: Path, split: dict, index: dict, workdir: Path,
+                       threads: int, barrier, results) -> None:
+    """One of ``N`` processes of :func:`concurrent_training`: train ``p`` and report its step times."""
+    torch.set_num_threads(threads)
+    from .train import train
+    stamps: list[tuple[int, float]] = []
+    barrier.wait()              # every process starts its training together
+    t0 = time.perf_counter()
+    _, out = train(p, dataset_dir, split, index, workdir / f"cell{rank}.pt",
+                   on_log=lambda step, _rec: stamps.append((step, time.perf_counter())), progress=False)
+    results.put((rank, time.perf_counter() - t0, stamps, out.steps))
+
+
+def _median_step_seconds(stamps: list[tuple[int, float]]) -> float:
+    skip = max(1, len(stamps) // 10)            # the first tenth: allocator / cuDNN warm-up
+    gaps = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(stamps[skip - 1:], stamps[skip:]) if s2 > s1)
+    return gaps[len(gaps) // 2] if gaps else float("nan")
+
+
+def concurrent_training(p: Params, dataset_dir: Path, split: dict, index: dict, workdir: Path,
+                        procs: list[int], cores: int, log=lambda _m: None) -> dict:
+    """How many grid cells one device should train at once: for each ``N`` in ``procs``, ``N`` spawned
+    processes train ``p`` (a grid cell's params, ``p.train.iterations`` steps, logged every step) on
+    the device at the same time, each with ``cores // N`` torch threads (at least 1), as the grid's
+    ``ablation.workers`` processes do. Per ``N``: each process's median seconds per step (the first
+    tenth of the steps left out), the aggregate steps per second of the device (the sum over the
+    processes of 1 / their median), the speed-up over one process, the wall time, and the grid cells
+    of :data:`CELL_STEPS` steps the device trains per hour at that rate. ``best`` is the ``N`` with the
+    highest aggregate rate.
+
+    Processes, not CUDA streams in one process: a cell is a whole training (its own model,
+    optimizer, data order, RNG streams and checkpoint), which is what the grid's process pool
+    already isolates, so a cell's bits do not depend on its neighbours; streams would need one
+    Python thread per cell under the GIL, whose CPU-side work (the data loading, Hungarian
+    matching and loss bookkeeping of a small model) is what leaves the GPU idle in the first place.
+    """
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    out: dict = {"steps": p.train.iterations, "cores": cores, "cell_steps": CELL_STEPS, "by_procs": {}}
+    for n in procs:
+        threads = max(1, cores // n)
+        log(f"grid on one device: {n} process{'es' if n > 1 else ''} x {p.train.iterations} steps, "
+            f"{threads} thread{'s' if threads > 1 else ''} each")
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        t0 = time.perf_counter()
+        workers = [ctx.Process(target=_concurrent_worker,
+                               args=(r, p, dataset_dir, split, index, workdir / f"n{n}", threads, barrier, results))
+                   for r in range(n)]
+        for w in workers:
+            w.start()
+        got = []
+        try:
+            for _ in range(n):
+                got.append(results.get(timeout=1800))
+        finally:
+            for w in workers:
+                w.join(timeout=60)
+                if w.is_alive():
+                    w.terminate()
+        bad = [w.exitcode for w in workers if w.exitcode]
+        if bad or len(got) != n:
+            raise RuntimeError(f"grid on one device: {n - len(got)} of {n} training processes gave no result "
+                               f"(exit codes {bad})")
+        med = [_median_step_seconds(stamps) for _, _, stamps, _ in sorted(got)]
+        agg = sum(1.0 / m for m in med)
+        out["by_procs"][str(n)] = {"threads_per_process": threads, "seconds_per_step": med,
+                                   "aggregate_steps_per_s": agg, "wall_seconds": time.perf_counter() - t0,
+                                   "cells_per_hour": agg * 3600.0 / CELL_STEPS}
+    one = out["by_procs"].get("1")
+    for rec in out["by_procs"].values():
+        rec["speedup_vs_1"] = rec["aggregate_steps_per_s"] / one["aggregate_steps_per_s"] if one else None
+    out["best"] = int(max(out["by_procs"], key=lambda k: out["by_procs"][k]["aggregate_steps_per_s"]))
+    return out

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..io import write_json, write_text
 from . import ablation as ab
@@ -90,9 +92,36 @@ def _figure(r: Inputs, caption: str, name: str) -> tuple[Path, str]:
 KEY_DIFFERENCE = ("full", "+complementary")        # the paper's claim: the similarity losses add to CompLoss
 
 
+HEADLINE_VARIANT = "full"                          # the headline: this variant's mean over the grid's seeds
+HEADLINE_METRICS = (("mIoU_novel", "novel mIoU"), ("mIoU", "mIoU"), ("hIoU", "hIoU"))
+
+
+def headline_line(r: Inputs) -> str:
+    """The headline: full SimFormer's mean over the grid's seeds with its 95% t interval (a single
+    seed's figure moves with the CPU and the thread count; the interval is what holds)."""
+    v, g = HEADLINE_VARIANT, r.grid
+    cells = g.cell_rows() if g is not None else None
+    rows = cells.loc[cells["variant"] == v] if cells is not None and "variant" in cells else None
+    if rows is None or len(rows) < 2:
+        return (f"- **Headline**: no `{v}` cells over two or more seeds in this run's grid, so no interval: the "
+                "main model's single seed below is a quick look, not a result that holds on another machine.")
+    parts = []
+    for key, label in HEADLINE_METRICS:
+        x = rows[key].astype(float).dropna().to_numpy() if key in rows else np.array([])
+        if x.size < 2:
+            continue
+        lo, hi = stats.t.interval(0.95, x.size - 1, loc=x.mean(), scale=x.std(ddof=1) / np.sqrt(x.size))
+        parts.append(f"{label} **{ev._f(x.mean())}** [{ev._f(lo)}, {ev._f(hi)}]")
+    seeds = ", ".join(str(int(s)) for s in sorted(rows["seed"]))
+    return (f"- **Headline: full SimFormer over {len(rows)} seeds** ({seeds}; {g.iterations} iterations each), "
+            f"mean and 95% t interval: " + ", ".join(parts) + ". One seed's figure moves with the CPU and the "
+            "thread count; quote the interval.")
+
+
 def answer_section(r: Inputs) -> Section:
-    """Three lines: the main model against its target, the grid's variants ordered by novel
-    mIoU, and the key paired difference (full − +complementary, novel mIoU) with its interval."""
+    """Four lines: the headline (full SimFormer's mean over the grid's seeds with its interval),
+    the main model against its target, the grid's variants ordered by novel mIoU, and the key
+    paired difference (full − +complementary, novel mIoU) with its interval."""
     m, run = r.metrics, r.run
     name = run.get("main_run") or f"seed {run.get('seed', '?')}"
     line1 = (f"- **Main model** ({name}, {run.get('iterations', '?')} iterations): novel mIoU "
@@ -131,7 +160,7 @@ def answer_section(r: Inputs) -> Section:
             pairs = f"{int(d['n'])} pairs (split, seed)" if g.multi_split else f"{int(d['n'])} seeds"
             line3 = (f"- **{a} − {b}**, novel mIoU paired over {pairs}: "
                      f"{ev._f(d['mean']):s}{ci}; {verdict}.").replace(": -", ": −")
-    return Section("Answer", "\n".join([line1, line2, line3]) + "\n\nThe evidence follows; how the run was made is "
+    return Section("Answer", "\n".join([headline_line(r), line1, line2, line3]) + "\n\nThe evidence follows; how the run was made is "
                    "under *Run* at the end.\n")
 
 
@@ -337,3 +366,26 @@ def write_report(r: Inputs, md: Path, html: Path | None = None, ablation_md: Pat
     if ablation_json is not None and r.grid is not None:
         write_json(ablation_json, ab.ablation_summary(r.grid.table))
     return parts
+
+
+def grid_inputs(cells_dir, raw: dict, g, main_iterations: int) -> tuple[Grid, dict[str, float], dict[str, str]]:
+    """The ablation grid of the cells in ``cells_dir`` (``g``: the params' AblationConfig, ``raw``: the
+    parsed params file; ``main_iterations``: ``train.iterations``), the DistLoss weight sweep and the
+    variants whose training reads novel masks: what the report shows of a grid (the report stage, and
+    an offline bundle's report: pipeline/offline.py)."""
+    from ..ablation import grid_cells, novel_mask_variants, pp_weight_sweep
+    variants = list(g.run)
+    cells = ab.grid_cells(cells_dir, [c.key for c in grid_cells(g, raw["data"]["split"])])
+    table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
+    grid = Grid(table, Path(cells_dir), variants, list(g.seeds), g.iterations or main_iterations, cells,
+                list(g.splits))
+    return grid, pp_weight_sweep(raw, g), novel_mask_variants(raw, g)
+
+
+def data_setting(p) -> str:
+    """What the data of this run models (the verdict section's data setting)."""
+    if p.data.dataset == "synthetic":
+        from ..data.synthetic import describe_setting
+        return describe_setting(p.data.synthetic.cooccur)
+    return (f"the real dataset `{p.data.dataset}`, split {p.data.split}: its classes co-occur as they do in its "
+            "scenes, beside unlabelled pixels")
