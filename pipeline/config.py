@@ -48,10 +48,12 @@ class ConfigError(ValueError):
     """A params value is missing, misspelt, of the wrong type or out of range."""
 
 
-def _spec(*, choices=None, lo=None, hi=None, lo_open=False, help: str = ""):
+def _spec(*, choices=None, lo=None, hi=None, lo_open=False, empty_ok=False, help: str = ""):
     """A params key: its allowed values or range and its help text. No default: the value
-    comes from the params file (params.yaml is the only place a value lives)."""
-    return field(metadata={"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help})
+    comes from the params file (params.yaml is the only place a value lives). ``empty_ok``: a
+    list key that may be ``[]``."""
+    return field(metadata={"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "empty_ok": empty_ok,
+                           "help": help})
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,10 @@ class AblationConfig:
     """The ablation grid: variants (name -> overrides on top of the main params) x seeds
     (cells: :meth:`cells`; a cell's params: :func:`pipeline.ablation.cell_params`)."""
     seeds: tuple[int, ...] = _spec(lo=0, help="seeds of the grid; each variant trains once per seed")
+    splits: tuple[int, ...] = _spec(lo=1, empty_ok=True,
+                                    help="base/novel splits of the grid (ids as data.split); each variant trains once "
+                                         "per split and seed, a split other than data.split with its own split folder "
+                                         "and weak-shot pre-training; [] = data.split only")
     iterations: int = _spec(lo=0, help="training iterations of a grid cell (0 = train.iterations)")
     workers: int = _spec(lo=1, help="cells trained at once, each in its own process")
     run: tuple[str, ...] = _spec(help="the variants trained, in this order (names of ablation.variants)")
@@ -250,8 +256,18 @@ class AblationConfig:
         return {name: self.variants[name] for name in self.run}
 
     def cells(self) -> list[tuple[str, int]]:
-        """(variant, seed): variants outer (``run`` order), seeds inner."""
+        """(variant, seed): variants outer (``run`` order), seeds inner; each is trained once per split
+        (:func:`pipeline.ablation.grid_cells` lists the cells with their split)."""
         return [(v, s) for v in self.run for s in self.seeds]
+
+
+def check_splits(dataset: str, splits: typing.Iterable[int]) -> None:
+    """``ablation.splits`` must name splits the dataset has (:data:`SPLIT_IDS`, as ``data.split``)."""
+    allowed = SPLIT_IDS[dataset]
+    bad = [k for k in splits if k not in allowed]
+    if bad:
+        raise ConfigError(f"params key 'ablation.splits': {bad[0]} is not a split of dataset '{dataset}'; allowed "
+                          f"values: {', '.join(map(str, allowed))} (or [] for data.split only)")
 
 
 @dataclass(frozen=True)
@@ -336,8 +352,8 @@ def _build(cls, values: Any, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key)
             continue
-        value = _coerce(value, tp, key)
         meta = f.metadata
+        value = () if meta.get("empty_ok") and value == [] else _coerce(value, tp, key)
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ConfigError(f"params key '{key}': {value!r} is not allowed; allowed values: "
                               + ", ".join(map(str, meta["choices"])))

@@ -20,6 +20,22 @@ measured), so it has no ``workers`` limit nor start order, and every job costs t
 processes and pickles in a folder; the pool keeps both guarantees and already streams results,
 stops the others on the first failure and on Ctrl-C / SIGTERM.
 
+``ablation.splits`` (:func:`pipeline.ablation.grid_cells`): the cells of ``data.split`` use the
+pipeline's own split folder and weak-shot initialisation (the prepare and pretrain stages'); each
+other split gets its own, made once by :func:`prepare_split` under the checkpoints folder
+(``<checkpoints>/split-<k>/split/`` and ``init.pt``, :func:`split_inputs`) and shared by that split's
+cells. The ablate stage prepares every split the cells need, one after the other, *before* any cell
+starts (:func:`prepare_splits`), each pre-training with all the stage's cores like the pretrain stage.
+Why not as jobs of the cells' pool: a split's cells cannot start before its pre-training ends, and
+:func:`pipeline.jobs.run_parallel` has no dependencies between jobs; running them first keeps the pool,
+its fixed threads (bit-identical cells) and its failure handling as they are, for the cost of cells of
+``data.split`` idling while an extra split pre-trains (one pre-training per extra split, once: the
+pretrain library has no checkpoint, so an interrupted pre-training starts again, but a finished
+``init.pt`` is reused while the params it depends on (:func:`pretrain_hash`) are unchanged).
+Cells on another split log to the grid's MLflow experiment (``data.split``'s), with their split as the
+param ``data.split`` and the tag ``split`` (every cell has the tag) and run names
+``<variant>-split<k>-seed<seed>``.
+
 ``ablation.executor: slurm``: the same cells as one Slurm job array through submitit
 (:mod:`pipeline.executor`), each writing ``job.out`` on the shared filesystem; without an MLflow
 server the cells log nothing and the stage logs the gathered outputs (:func:`log_gathered_cell`).
@@ -39,8 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .ablation import cell_key, cell_params, shares_main_training
-from .config import AblationConfig, Params, params_file_text, params_hash
+from .ablation import cell_key, cell_params, cell_run_name, grid_cells, shares_main_training
+from .config import AblationConfig, Params, flatten, params_file_text, params_hash, to_dict
 
 SIMILARITY_COST = 1.7       # a step with SimLoss / DistLoss against one without (start order only)
 RESULT_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")
@@ -58,15 +74,33 @@ class CellJob:
     split_dir: Path
     init: Path | None           # the pretrain stage's output (model.pretrained: weak_shot)
     main_model: Path
-    checkpoint: Path            # <checkpoints>/<variant>-<seed>/cell.pt
-    out: Path                   # <out>/<variant>-<seed>/
+    checkpoint: Path            # <checkpoints>/<key>/cell.pt
+    out: Path                   # <out>/<key>/
     threads: int                # torch threads (0: a fair share of the cores, pipeline.jobs.CoreShare)
     mlflow: bool = True
     progress: bool = False
+    main_split: int | None = None   # the main params' data.split (None: the cell's own)
+
+    @property
+    def key_split(self) -> int | None:
+        """The cell's split when it is not the main params' ``data.split`` (its key and run name carry
+        it), else None."""
+        k = self.params.data.split
+        return None if self.main_split is None or k == self.main_split else k
 
     @property
     def key(self) -> str:
-        return cell_key(self.variant, self.seed)
+        return cell_key(self.variant, self.seed, self.key_split)
+
+    @property
+    def run_name(self) -> str:
+        return cell_run_name(self.variant, self.seed, self.key_split)
+
+    def experiment(self) -> str | None:
+        """The grid's MLflow experiment (``data.split``'s) for a cell on another split; None: the one of
+        the cell's own params (the same, on ``data.split``)."""
+        from .tracking import experiment_name
+        return None if self.key_split is None else experiment_name(self.params.data.dataset, self.main_split)
 
 
 def finished_checkpoint(path: Path, phash: str, iterations: int) -> bool:
@@ -91,16 +125,18 @@ def plan_cells(main: Params, main_raw: Mapping[str, Any], grid: AblationConfig, 
                progress: bool = True) -> tuple[list[CellJob], int, int]:
     """The grid's cells as jobs, longest first, with the workers and torch threads they run with.
 
-    ``only``: cell keys (``<variant>-<seed>``) to run instead of the whole grid (an unknown key is a
-    ValueError naming the grid's cells). Threads per cell: ``train.threads``, else ``cores //
+    ``only``: cell keys (``<variant>-<seed>``, ``<variant>-s<split>-<seed>``) to run instead of the
+    whole grid (an unknown key is a ValueError naming the grid's cells). A cell on ``data.split`` reads
+    ``split_dir`` and ``init``; one on another split ``k`` reads :func:`split_inputs` ``(checkpoints,
+    k)`` (:func:`prepare_splits` makes them). Threads per cell: ``train.threads``, else ``cores //
     workers`` (0 when one cell runs at a time: the fair share of :class:`pipeline.jobs.CoreShare`).
     With ``ablation.executor: slurm``: ``workers`` is ``ablation.slurm.array_parallelism`` and the
     threads ``train.threads`` or ``ablation.slurm.cpus_per_cell``.
     Returns ``(jobs, workers, threads)``.
     """
-    cells = grid.cells()
+    cells = grid_cells(grid, main.data.split)
     if only:
-        keys = {cell_key(v, s): (v, s) for v, s in cells}
+        keys = {c.key: c for c in cells}
         unknown = [c for c in only if c not in keys]
         if unknown:
             raise ValueError(f"--cell {unknown[0]!r} is not a cell of the grid; cells: {', '.join(keys)}")
@@ -112,16 +148,93 @@ def plan_cells(main: Params, main_raw: Mapping[str, Any], grid: AblationConfig, 
         workers = min(grid.workers, len(cells))
         threads = main.train.threads or (0 if workers == 1 else max(1, cores // workers))
     jobs = []
-    for v, s in cells:
-        p = cell_params(main_raw, grid, v, s)
-        shared = shares_main_training(main, p)
-        key = cell_key(v, s)
-        jobs.append(CellJob(v, s, p, main_text if shared else params_file_text(p, f"ablation cell {key}"), shared,
-                            Path(dataset_dir), Path(split_dir), Path(init) if init else None, Path(main_model),
-                            Path(checkpoints) / key / "cell.pt", Path(out) / key, threads, mlflow,
-                            progress and workers == 1))
+    for c in cells:
+        p = cell_params(main_raw, grid, c.variant, c.seed, c.key_split)
+        shared = shares_main_training(main, p)      # never on another split: data.split differs
+        if c.on_main_split:
+            cell_split_dir, cell_init = Path(split_dir), Path(init) if init else None
+        else:
+            cell_split_dir, cell_init = split_inputs(checkpoints, c.split)
+        text = main_text if shared else params_file_text(p, f"ablation cell {c.key}")
+        jobs.append(CellJob(c.variant, c.seed, p, text, shared, Path(dataset_dir), cell_split_dir, cell_init,
+                            Path(main_model), Path(checkpoints) / c.key / "cell.pt", Path(out) / c.key, threads, mlflow,
+                            progress and workers == 1, main_split=main.data.split))
     jobs.sort(key=lambda j: -cell_cost(j.params, j.shared))      # longest first; stable otherwise
     return jobs, workers, threads
+
+
+def split_inputs(checkpoints: Path, split: int) -> tuple[Path, Path]:
+    """The split folder and weak-shot initialisation of a grid split other than ``data.split``:
+    ``<checkpoints>/split-<k>/split/`` and ``<checkpoints>/split-<k>/init.pt``."""
+    root = Path(checkpoints) / f"split-{split}"
+    return root / "split", root / "init.pt"
+
+
+# what the weak-shot pre-training reads: the pretrain stage's params (dvc.yaml), what the dataset is
+# (the download stage's params) and the split
+PRETRAIN_KEYS = ("base.seed", "data.dataset", "data.synthetic", "data.url", "data.checksum", "data.split",
+                 "data.crop_size", "data.scale_min", "data.scale_max", "data.photometric", "model.backbone",
+                 "model.pretrained", "model.conv_dim", "model.mask_dim", "model.gn_groups", "train.weight_decay",
+                 "train.device", "train.threads", "pretrain")
+
+
+def pretrain_hash(p: Params) -> str:
+    """Identifies a weak-shot pre-training: a hash of the values of :data:`PRETRAIN_KEYS` in ``p``."""
+    import hashlib
+    import json
+    flat = flatten(to_dict(p))
+    picked = {k: v for k, v in flat.items() if any(k == x or k.startswith(x + ".") for x in PRETRAIN_KEYS)}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_split(main: Params, split: int, dataset_dir: Path, split_dir: Path, init: Path, *,
+                  progress: bool = True, say: Callable[[str], None] = print) -> bool:
+    """The split folder (the prepare stage's :func:`pipeline.data.splits.build_split`) and weak-shot
+    initialisation (the pretrain stage's :func:`pipeline.engine.pretrain.weak_shot_init`, with the main
+    params on ``split``) of one grid split other than ``data.split``; ``init``'s pre-training curve
+    beside it (``pretrain_curve.csv``). The split folder is made again every time (a scan of the
+    labels); a finished ``init`` of the same :func:`pretrain_hash` is reused. Every file is written
+    atomically. Returns True when it pre-trained."""
+    import dataclasses
+
+    import torch
+
+    from .data.splits import build_split, write_split
+    from .engine.pretrain import weak_shot_init
+    from .io import atomic_path, write_csv
+    p = dataclasses.replace(main, data=dataclasses.replace(main.data, split=split))
+    doc, index = build_split(dataset_dir, p.data.dataset, split, workers=p.data.prepare_workers, progress=progress)
+    write_split(split_dir, doc, index)
+    phash = pretrain_hash(p)
+    if Path(init).is_file():
+        try:
+            done = torch.load(init, map_location="cpu", weights_only=True).get("pretrain_hash") == phash
+        except Exception:  # noqa: BLE001 - an unreadable leftover is made again
+            done = False
+        if done:
+            say(f"split {split}: reusing its weak-shot initialisation {init}")
+            return False
+    what = (f"pre-training its weak-shot initialisation ({p.pretrain.iterations} steps)"
+            if p.model.pretrained == "weak_shot" else f"no pre-training (model.pretrained: {p.model.pretrained})")
+    say(f"split {split} ({len(doc['base'])} base, {len(doc['novel'])} novel classes): {what} -> {init}")
+    state, curve = weak_shot_init(p, dataset_dir, index, doc, progress=progress)
+    write_csv(Path(init).with_name("pretrain_curve.csv"), curve)
+    with atomic_path(init) as tmp:
+        torch.save({**state, "pretrain_hash": phash}, tmp)
+    return True
+
+
+def prepare_splits(main: Params, jobs: list[CellJob], dataset_dir: Path, *, progress: bool = True,
+                   say: Callable[[str], None] = print) -> list[int]:
+    """:func:`prepare_split` for every split other than ``data.split`` that ``jobs`` train on, in split
+    order, before any cell runs (see the module's docstring for why); returns those splits."""
+    todo: dict[int, CellJob] = {}
+    for j in jobs:
+        if j.key_split is not None:
+            todo.setdefault(j.key_split, j)
+    for k, j in sorted(todo.items()):
+        prepare_split(main, k, dataset_dir, j.split_dir, j.init, progress=progress, say=say)
+    return sorted(todo)
 
 
 def run_cells(jobs: list[CellJob], workers: int, on_done: Callable[[CellJob, dict], None] | None = None,
@@ -170,9 +283,10 @@ def log_gathered_cell(job: CellJob, *, tags: Mapping[str, str] | None = None, ph
     metrics.update({k: v for k, v in (cell.get("heldout") or {}).items() if v is not None})   # as run_cell logs them
     facts = {k: v for k, v in cell.items() if k not in ("variant", "seed", "params_hash", "shared_with_main",
                                                         "iterations", "torch_threads", "run_id", "heldout")}
-    tags = {"stage": "ablate", "variant": job.variant, "seed": str(job.seed), **(tags or {})}
-    name = name or f"{job.variant}-seed{job.seed}"
-    where = {"phash": phash, "experiment": experiment}
+    tags = {"stage": "ablate", "variant": job.variant, "seed": str(job.seed), "split": str(job.params.data.split),
+            **(tags or {})}
+    name = name or job.run_name
+    where = {"phash": phash, "experiment": experiment or job.experiment()}
     with contextlib.ExitStack() as runs:
         tracker = runs.enter_context(open_tracker(job.params, job.params_text, tags, name, include_finished=True,
                                                   **where))
@@ -200,7 +314,7 @@ def log_gathered_cell(job: CellJob, *, tags: Mapping[str, str] | None = None, ph
                     tracker.log_model(model, input_example(job.dataset_dir, read_json(job.split_dir / "index.json")))
                 elif model.is_file():
                     tracker.log_artifact(model, "model")
-            tracker.set_tags({"variant": job.variant, "seed": str(job.seed),
+            tracker.set_tags({"variant": job.variant, "seed": str(job.seed), "split": tags["split"],
                               **{f"eval.{k}": v for k, v in facts.items()}})
             tracker.log_metrics(missing)
         run_id = tracker.run_id
@@ -230,11 +344,13 @@ def run_cell(job: CellJob) -> dict:
     p, variant, seed, shared = job.params, job.variant, job.seed, job.shared
     split, index = read_json(job.split_dir / "split.json"), read_json(job.split_dir / "index.json")
     job.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tags = {"stage": "ablate", "variant": variant, "seed": str(seed), **novel_mask_tags(p)}
-    phash, name = params_hash(p), f"{variant}-seed{seed}"
+    tags = {"stage": "ablate", "variant": variant, "seed": str(seed), "split": str(p.data.split),
+            **novel_mask_tags(p)}
+    phash, name, experiment = params_hash(p), job.run_name, job.experiment()
     # only an evaluation (shared cell, finished checkpoint) may reopen a finished run; a training gets its own
     evaluation_only = shared or finished_checkpoint(job.checkpoint, phash, p.train.iterations)
-    tracker = open_tracker(p, job.params_text, tags, name, include_finished=evaluation_only) if job.mlflow else None
+    tracker = (open_tracker(p, job.params_text, tags, name, include_finished=evaluation_only, experiment=experiment)
+               if job.mlflow else None)
     reopened = tracker is not None and tracker.status == "FINISHED"
     # FINISHED on success, FAILED on an error, KILLED on Ctrl-C / SIGTERM (RunTracker.__exit__)
     dataset = DatasetRef.of_folder(p.data.dataset, job.dataset_dir) if tracker else None
@@ -278,7 +394,7 @@ def run_cell(job: CellJob) -> dict:
                 # not the result that run recorded: it stays as it is, and this result gets a run of its own
                 old = tracker.run_id
                 tracker = runs.enter_context(open_tracker(p, job.params_text, {**tags, "differs_from_run_id": old},
-                                                          name))
+                                                          name, experiment=experiment))
                 reopened = False
                 tracker.log_dataset(dataset)
                 print(f"cell {job.key}: the finished MLflow run {old} of these params recorded other metrics; "
@@ -300,7 +416,7 @@ def run_cell(job: CellJob) -> dict:
             if not shared:
                 export_model(model, p, split, tmp / "model.pt", history, simnet)
         if tracker:
-            tracker.set_tags({"variant": variant, "seed": str(seed)})
+            tracker.set_tags({"variant": variant, "seed": str(seed), "split": tags["split"]})
             info = None
             if not shared and not reopened:      # the model first: the metrics below link to it
                 info = log_trained_model(tracker, job.out / "model.pt", input_example(job.dataset_dir, index), cores,

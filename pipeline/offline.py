@@ -553,7 +553,8 @@ class Bundle:
         jobs, _, _ = plan_cells(self.params, self.raw, self.grid, self.params_text, dataset_dir=at["--dataset-dir"],
                                 split_dir=at["--split-dir"], init=None, main_model=at["--main-model"],
                                 checkpoints=at["--checkpoints"], out=cells, cores=1, mlflow=False, progress=False)
-        order = {key: i for i, key in enumerate(f"{v}-{s}" for v, s in self.grid.cells())}
+        from .ablation import grid_cells
+        order = {c.key: i for i, c in enumerate(grid_cells(self.grid, self.params.data.split))}
         return sorted((j for j in jobs if (j.out / "cell.json").is_file()), key=lambda j: order.get(j.key, 0))
 
 
@@ -645,7 +646,7 @@ def import_bundle(path, root, experiment: str | None = None, say: Callable[[str]
             if j.shared and None not in main.values():
                 continue
             digest = _digest(_cell_files(j))
-            name = f"{j.variant}-seed{j.seed}{suffix}"
+            name = f"{j.run_name}{suffix}"
             run_id = imported(digest)
             if run_id:
                 skipped[name] = run_id

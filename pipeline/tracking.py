@@ -530,7 +530,8 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
     exactly ``cells``.
 
     ``cells``: dicts with ``variant``, ``seed``, ``params_hash``, ``params_flat``,
-    ``params_text`` (the cell's effective params) and ``metrics``. A cell's own run (found by
+    ``params_text`` (the cell's effective params) and ``metrics``; optionally ``split`` (tag) and
+    ``name`` (the run name; default ``<variant>-seed<seed>``). A cell's own run (found by
     params hash: the ablate stage's, or the main training's for the shared cell) becomes the
     child when it has no parent; one that already belongs to another grid gets a link child
     here (tag ``linked_run_id``; the run itself is never moved); a cell restored by a DVC
@@ -554,9 +555,10 @@ def sync_grid(root, experiment: str, grid_id: str, grid_params: Mapping[str, Any
         client, exp_id = parent.client, parent.experiment_id
         children = {}
         for cell in cells:
-            name = f"{cell['variant']}-seed{cell['seed']}"
+            name = cell.get("name") or f"{cell['variant']}-seed{cell['seed']}"
             tags = {"variant": cell["variant"], "seed": str(cell["seed"]), "grid_id": grid_id,
-                    "mlflow.parentRunId": parent.run_id}
+                    "mlflow.parentRunId": parent.run_id,
+                    **({"split": str(cell["split"])} if cell.get("split") is not None else {})}
             own = next(iter(find_runs(client, exp_id, {"params_hash": cell["params_hash"]})), None)
             if own is None or own.data.tags.get("mlflow.parentRunId") in (None, parent.run_id):
                 with RunTracker(root, experiment, strict=True) as tr:

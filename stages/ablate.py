@@ -1,13 +1,16 @@
-"""DVC stage `ablate`: the ablation grid (params `ablation`), every cell of ablation.run x ablation.seeds.
+"""DVC stage `ablate`: the ablation grid (params `ablation`), every cell of ablation.run x
+ablation.splits x ablation.seeds (ablation.splits [] = data.split only).
 
-A cell's params are the main params with the variant's overrides, its seed and
+A cell's params are the main params with the variant's overrides, its seed, its split and
 ablation.iterations applied. A cell whose params equal the main training's reuses that model;
-others train with a resumable checkpoint (<checkpoints>/<variant>-<seed>/cell.pt: a finished one
-is only evaluated again). Each cell is evaluated like the main model and written to
-<out>/<variant>-<seed>/. Cells train ablation.workers at a time, each in its own process with a
-fixed number of torch threads (train.threads, or cores // workers when that is 0), so a cell's
-result never depends on which cells run beside it. How a cell runs and what it logs to MLflow:
-pipeline/grid.py.
+others train with a resumable checkpoint (<checkpoints>/<cell>/cell.pt: a finished one is only
+evaluated again). Each cell is evaluated like the main model and written to <out>/<cell>/. A cell
+is <variant>-<seed> on data.split (--split-dir, --init) and <variant>-s<split>-<seed> on another
+split, whose split folder and weak-shot pre-training (the prepare and pretrain stages' work, with the
+main params) this stage makes first, once per split, in <checkpoints>/split-<split>/. Cells train
+ablation.workers at a time, each in its own process with a fixed number of torch threads
+(train.threads, or cores // workers when that is 0), so a cell's result never depends on which
+cells run beside it. How a cell runs and what it logs to MLflow: pipeline/grid.py.
 
 ablation.executor: slurm submits the cells that are not finished yet (<out>/<cell>/cell.json with
 the cell's params hash) as one Slurm job array instead (ablation.slurm; submitit's job files and
@@ -31,11 +34,13 @@ def main() -> None:
     add_init(ap)
     ap.add_argument("--main-model", type=Path, required=True, help="the main training's model (train stage)")
     ap.add_argument("--checkpoints", type=Path, required=True,
-                    help="folder of the cells' resumable checkpoints (<variant>-<seed>/cell.pt)")
-    ap.add_argument("--out", type=Path, required=True, help="folder of the cells' outputs (<variant>-<seed>/)")
-    ap.add_argument("--cell", action="append", default=None, metavar="VARIANT-SEED",
-                    help="run only this cell (repeatable; default: every cell of the grid). Outside DVC only: "
-                         "the stage's output is the whole grid")
+                    help="folder of the cells' resumable checkpoints (<cell>/cell.pt) and of the other splits' "
+                         "split folders and weak-shot initialisations (split-<split>/)")
+    ap.add_argument("--out", type=Path, required=True, help="folder of the cells' outputs (<cell>/)")
+    ap.add_argument("--cell", action="append", default=None, metavar="CELL",
+                    help="run only this cell, VARIANT-SEED or VARIANT-sSPLIT-SEED on another split than data.split "
+                         "(repeatable; default: every cell of the grid). Outside DVC only: the stage's output is the "
+                         "whole grid")
     args = ap.parse_args()
     main_p, text, raw, grid = load_params_raw(args.params)     # validates every cell's overrides before any work
     if grid is None:
@@ -43,7 +48,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from pipeline.grid import RESULT_KEYS, log_gathered_cell, plan_cells, run_cells
+    from pipeline.grid import RESULT_KEYS, log_gathered_cell, plan_cells, prepare_splits, run_cells
     from pipeline.jobs import cores
 
     slurm = grid.executor == "slurm"
@@ -62,6 +67,7 @@ def main() -> None:
         open_client(store_root())
     args.checkpoints.mkdir(parents=True, exist_ok=True)     # a DVC output even when nothing trains
     args.out.mkdir(parents=True, exist_ok=True)
+    prepare_splits(main_p, jobs, args.dataset_dir, progress=not args.no_progress)
     each = (f"{threads} torch thread{'s' if threads > 1 else ''} each" if threads
             else "torch threads: a fair share of the cores")
     where = "Slurm job array, " if slurm else ""

@@ -64,7 +64,7 @@ def main() -> None:
 
     if grid is not None and not args.no_mlflow:
         cells, table, variants = grid.cells, grid.table, grid.variants
-        metrics = {(r["variant"], r["seed"]): r for r in cells.to_dict("records")}
+        metrics = {r["key"]: r for r in cells.to_dict("records")}
         runs = cell_runs(raw, g, {k: {m: v[m] for m in ab.SUMMARY_KEYS} for k, v in metrics.items()})
         summary = {f"{v}.{m}.{stat}": x for v, ms in ab.ablation_summary(table).items() for m, st in ms.items()
                    for stat, x in st.items() if stat != "n" and x is not None}
@@ -72,7 +72,7 @@ def main() -> None:
             repo.store_root(), tracking.experiment_name(p.data.dataset, p.data.split),
             grid_hash([c["params_hash"] for c in runs]),
             {"ablation.seeds": g.seeds, "ablation.iterations": g.iterations, "ablation.variants": ",".join(variants),
-             "cells": len(runs)}, runs, summary, params_text,
+             "cells": len(runs), **({"ablation.splits": g.splits} if g.splits else {})}, runs, summary, params_text,
             [x for x in (args.out, args.html, args.ablation_md, args.ablation_json) if x])
         print(f"MLflow: grid run {out['parent']} with {len(out['children'])} cell runs")
     print(f"report -> {args.out}" + "".join(f", {x}" for x in (args.ablation_md, args.ablation_json, args.html) if x))

@@ -62,7 +62,7 @@ TINY = {
 }
 # Two variants x two seeds; iterations 0 = train.iterations, so full-3 is the main training. Two
 # workers: the three cells that train run two at a time, in spawned processes (train.threads 1).
-TINY_ABLATION = {"seeds": [3, 4], "iterations": 0, "workers": 2, "run": ["baseline", "full"],
+TINY_ABLATION = {"seeds": [3, 4], "splits": [], "iterations": 0, "workers": 2, "run": ["baseline", "full"],
                  "variants": {"baseline": {"loss": {"comp_weight": 0.0, "sim_weight": 0.0, "pp_weight": 0.0}},
                               "full": {}}}
 

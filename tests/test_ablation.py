@@ -37,7 +37,7 @@ def test_default_grid_declares_the_paper_variants_and_trains_the_ordered_ones_ov
 ])
 def test_bad_run_list_names_the_key(run, message):
     with pytest.raises(ConfigError) as e:
-        build_ablation({"seeds": [6], "iterations": 0, "workers": 1, "run": run, "variants": {"full": {}},
+        build_ablation({"seeds": [6], "splits": [], "iterations": 0, "workers": 1, "run": run, "variants": {"full": {}},
                         "executor": "local", "slurm": RAW["ablation"]["slurm"]})
     assert message in str(e.value)
 
@@ -66,14 +66,14 @@ def test_full_cell_shares_main_training_only_when_params_equal():
 @pytest.mark.parametrize("ablation, message", [
     ({"seeds": [6, 6], "iterations": 0, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': [6, 6] repeats a value"),
     ({"seeds": "6", "iterations": 0, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.seeds': expected a non-empty list of integers"),
-    ({"seeds": [6], "iterations": 0, "workers": 1, "run": ["a b"], "variants": {"a b": {}}, "executor": "local",
+    ({"seeds": [6], "splits": [], "iterations": 0, "workers": 1, "run": ["a b"], "variants": {"a b": {}}, "executor": "local",
       "slurm": RAW["ablation"]["slurm"]}, "variant name 'a b' must be a non-empty string"),
-    ({"seeds": [6], "workers": 1, "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
+    ({"seeds": [6], "splits": [], "workers": 1, "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.iterations' is missing"),
     ({"seeds": [6], "variant": {}}, "unknown params key 'ablation.variant'. Did you mean 'ablation.variants'?"),
-    ({"seeds": [6], "iterations": -1, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.iterations': -1 is out of range; expected a value >= 0"),
-    ({"seeds": [6], "iterations": 0, "workers": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.workers': 0 is out of range; expected a value >= 1"),
-    ({"seeds": [6], "iterations": 0, "workers": "2", "run": ["a"], "variants": {"a": {}}}, "'ablation.workers': expected an integer, got '2' (str)"),
-    ({"seeds": [6], "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.workers' is missing"),
+    ({"seeds": [6], "splits": [], "iterations": -1, "workers": 1, "run": ["a"], "variants": {"a": {}}}, "'ablation.iterations': -1 is out of range; expected a value >= 0"),
+    ({"seeds": [6], "splits": [], "iterations": 0, "workers": 0, "run": ["a"], "variants": {"a": {}}}, "'ablation.workers': 0 is out of range; expected a value >= 1"),
+    ({"seeds": [6], "splits": [], "iterations": 0, "workers": "2", "run": ["a"], "variants": {"a": {}}}, "'ablation.workers': expected an integer, got '2' (str)"),
+    ({"seeds": [6], "splits": [], "iterations": 0, "run": ["a"], "variants": {"a": {}}}, "params key 'ablation.workers' is missing"),
 ])
 def test_bad_grid_structure(ablation, message):
     with pytest.raises(ConfigError) as e:
@@ -82,7 +82,7 @@ def test_bad_grid_structure(ablation, message):
 
 
 def test_bad_override_names_variant_and_key():
-    grid = build_ablation({"seeds": [6], "iterations": 0, "workers": 1, "run": ["typo"],
+    grid = build_ablation({"seeds": [6], "splits": [], "iterations": 0, "workers": 1, "run": ["typo"],
                            "variants": {"typo": {"loss": {"pp_wieght": 0.5}}},
                            "executor": "local", "slurm": RAW["ablation"]["slurm"]})
     with pytest.raises(ConfigError) as e:

@@ -259,7 +259,7 @@ def stage_runs(request, tmp_path_factory) -> dict:
     raw["train"]["iterations"] = 2
     raw["model"]["pretrained"] = "weak_shot"            # the pretrain stage's weights reach train / ablate / retrain
     raw["pretrain"].update({"iterations": 2, "batch_size": 2})
-    raw["ablation"] = {"seeds": [6], "iterations": 2, "workers": 1, "run": ["baseline"],
+    raw["ablation"] = {"seeds": [6], "splits": [], "iterations": 2, "workers": 1, "run": ["baseline"],
                        "variants": {"baseline": raw["ablation"]["variants"]["baseline"]},
                        "executor": "local", "slurm": raw["ablation"]["slurm"]}
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

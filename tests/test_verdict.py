@@ -114,7 +114,7 @@ def grid_cells(tmp_path):
 
 def test_paired_and_per_class_differences(grid_cells):
     _, cells = grid_cells
-    assert ev.paired_diffs(cells, "full", "pp0") == pytest.approx({6: 0.4, 7: -0.3, 8: 0.2})
+    assert ev.paired_diffs(cells, "full", "pp0") == pytest.approx({(1, 6): 0.4, (1, 7): -0.3, (1, 8): 0.2})
     pcd = ev.per_class_diffs(cells, "full", "pp0")
     assert pcd["name"].tolist() == ["cat", "dog", "cow"]
     assert pcd["diff"].tolist() == pytest.approx([1.0, -1.0, 5.0]) and pcd["seeds"].tolist() == [3, 3, 3]

@@ -116,6 +116,29 @@ def pretrain(dataset_dir: str | Path, index: dict, split: dict, *, arch: str, co
     return net.eval(), curve
 
 
+def weak_shot_init(p, dataset_dir: str | Path, index: dict, split: dict, *,
+                   progress: bool = True) -> tuple[dict, list[dict]]:
+    """The pretrain stage's work for the params ``p`` (:class:`pipeline.config.Params`) on one split:
+    the content of its ``init.pt`` and the pre-training curve. With ``model.pretrained`` other than
+    ``weak_shot`` nothing trains: a placeholder ``{"used": False, "reason"}`` and no curve. Uses
+    ``train.threads`` torch threads when that is not 0, on ``train.device``. Nothing is written: the
+    caller saves the file (atomically)."""
+    from .device import resolve_device
+    if p.model.pretrained != "weak_shot":
+        return {"used": False, "reason": f"model.pretrained is {p.model.pretrained!r}"}, []
+    if p.train.threads:
+        torch.set_num_threads(p.train.threads)
+    i = p.pretrain
+    net, curve = pretrain(dataset_dir, index, split, arch=p.model.backbone, conv_dim=p.model.conv_dim,
+                          mask_dim=p.model.mask_dim, gn_groups=p.model.gn_groups, crop_size=p.data.crop_size,
+                          scale=(p.data.scale_min, p.data.scale_max), iterations=i.iterations,
+                          batch_size=i.batch_size, lr=i.lr, weight_decay=p.train.weight_decay, seed=p.base.seed,
+                          photometric=p.data.photometric, device=str(resolve_device(p.train.device)),
+                          progress=progress)
+    return {"used": True, **initial_state(net), "arch": p.model.backbone, "steps": i.iterations,
+            "seconds": curve[-1]["seconds"] if curve else 0.0}, curve
+
+
 _TORCHVISION_NAMES = {"stem.0.": "conv1.", "stem.1.": "bn1.", "res2.": "layer1.", "res3.": "layer2.",
                       "res4.": "layer3.", "res5.": "layer4."}
 

@@ -1,7 +1,8 @@
-"""The ablation report: variants x seeds grid -> mean ± std tables, novel-class IoU, curves.
+"""The ablation report: variants x (splits x) seeds grid -> mean ± std tables, novel-class IoU, curves.
 
 Input: a cells folder (``data/ablation/``) with one sub-folder per cell named
-``<variant>-<seed>`` (:func:`pipeline.ablation.cell_key`), each holding
+``<variant>-<seed>``, or ``<variant>-s<split>-<seed>`` for a cell on a split other than the
+pipeline's ``data.split`` (:func:`pipeline.ablation.cell_key`), each holding
 
 * ``cell.json``: ``{"variant", "seed", "params_hash", "shared_with_main", "iterations", "dataset",
   "split", ...}``
@@ -9,10 +10,10 @@ Input: a cells folder (``data/ablation/``) with one sub-folder per cell named
 * ``per_class_iou.csv``: ``id,name,split,iou,acc,gt_pixels,pred_pixels``
 * ``curve.csv``: ``step,loss,<loss terms>...,lr,images_per_s``
 
-Statistics: per variant the mean over its seeds and the *sample* standard deviation
-(``ddof=1``); a variant with one seed (or one non-missing value) has no std, printed as
-``± n/a``. A seed whose metric is ``null`` (e.g. no novel class present) is left out of that
-metric's mean. The difference column is ``mean(variant) - mean(baseline)`` from unrounded
+Statistics: per variant the mean over its cells (its seeds; with several splits, pooled over
+the splits and seeds) and the *sample* standard deviation (``ddof=1``); a variant with one seed
+(or one non-missing value) has no std, printed as ``± n/a``. A seed whose metric is ``null``
+(e.g. no novel class present) is left out of that metric's mean. The difference column is ``mean(variant) - mean(baseline)`` from unrounded
 means; a difference no larger than the larger standard deviation of the two rows is *inside
 the seed spread* and marked ``†``. No torch here: pandas + matplotlib (Agg canvas) only.
 """
@@ -75,14 +76,29 @@ def _cell_dirs(cells_dir: Path) -> list[Path]:
     return dirs
 
 
+def splits_of(cells_df: pd.DataFrame) -> list:
+    """The distinct splits of a cells frame (its ``split`` column), sorted; [] without one."""
+    if "split" not in cells_df:
+        return []
+    return sorted({s for s in cells_df["split"] if s is not None and s == s})
+
+
+def pair_keys(cells_df: pd.DataFrame) -> list[tuple]:
+    """Per row, what pairs cells of two variants: ``(split, seed)`` (``split`` None in a frame or a
+    cell that does not say)."""
+    splits = cells_df["split"] if "split" in cells_df else [None] * len(cells_df)
+    return [(None if k is None or k != k else int(k), int(s)) for k, s in zip(splits, cells_df["seed"])]
+
+
 def load_cells(cells_dir) -> pd.DataFrame:
     """One row per cell: ``variant, seed, params_hash, shared_with_main, iterations, torch_threads,
-    dataset, split`` (from ``cell.json``; ``torch_threads`` None in cells written before it was recorded), the summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN)
-    and ``cell_dir``. Rows are sorted by folder name.
+    dataset, split`` (from ``cell.json``; ``torch_threads`` None in cells written before it was recorded), the summary metrics (``mIoU, mIoU_base, mIoU_novel, hIoU, pAcc, mAcc, fwIoU``; null -> NaN),
+    ``cell_dir`` and ``key`` (the folder's name). Rows are sorted by folder name.
 
     Raises ``FileNotFoundError`` naming the missing ``cell.json`` / ``metrics.json`` and
     ``AblationError`` naming the file for invalid JSON, a non-numeric metric, a missing
-    summary key, or a folder whose name is not ``<variant>-<seed>`` of its ``cell.json``.
+    summary key, or a folder whose name is neither ``<variant>-<seed>`` nor
+    ``<variant>-s<split>-<seed>`` of its ``cell.json``.
     """
     cells_dir = Path(cells_dir)
     rows = []
@@ -97,9 +113,12 @@ def load_cells(cells_dir) -> pd.DataFrame:
             raise AblationError(f"ablation cell file {cell_path}: 'variant' must be a non-empty string, got {variant!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise AblationError(f"ablation cell file {cell_path}: 'seed' must be an integer, got {seed!r}")
-        if d.name != f"{variant}-{seed}":
+        split = cell.get("split")
+        names = [f"{variant}-{seed}"] + ([f"{variant}-s{split}-{seed}"] if split is not None else [])
+        if d.name not in names:
             raise AblationError(f"ablation cell folder {d} does not match its cell.json "
-                                f"(variant {variant!r}, seed {seed}): expected folder '{variant}-{seed}'")
+                                f"(variant {variant!r}, seed {seed}, split {split}): expected folder "
+                                + " or ".join(f"'{n}'" for n in names))
         metrics = _read_json(metrics_path)
         missing = [k for k in SUMMARY_KEYS if k not in metrics]
         if missing:
@@ -113,27 +132,31 @@ def load_cells(cells_dir) -> pd.DataFrame:
         for k in SUMMARY_KEYS:
             row[k] = _num(metrics[k], metrics_path, k)
         row["cell_dir"] = str(d)
+        row["key"] = d.name
         rows.append(row)
     df = pd.DataFrame(rows)
-    dup = df[df.duplicated(["variant", "seed"], keep=False)]
+    dup = df[df.duplicated(["key"], keep=False)]
     if not dup.empty:  # impossible with folder == key, kept as a guard
         raise AblationError(f"ablation cells folder {cells_dir} holds duplicate cells: {dup['cell_dir'].tolist()}")
     return df
 
 
-def grid_cells(cells_dir, cells: Sequence[tuple[str, int]]) -> pd.DataFrame:
-    """:func:`load_cells` restricted to the grid's ``(variant, seed)`` cells, in that order;
+def grid_cells(cells_dir, cells: Sequence[str | tuple[str, int]]) -> pd.DataFrame:
+    """:func:`load_cells` restricted to the grid's cells - their keys (folder names, as
+    :attr:`pipeline.ablation.Cell.key`) or ``(variant, seed)`` pairs - in that order;
     ``FileNotFoundError`` naming every cell missing from ``cells_dir``."""
-    df = load_cells(cells_dir).set_index(["variant", "seed"], drop=False)
-    missing = [f"{v}-{s}" for v, s in cells if (v, s) not in df.index]
+    keys = [c if isinstance(c, str) else f"{c[0]}-{c[1]}" for c in cells]
+    df = load_cells(cells_dir).set_index("key", drop=False)
+    missing = [k for k in keys if k not in df.index]
     if missing:
         raise FileNotFoundError(f"ablation cells missing from '{cells_dir}': {', '.join(missing)} "
                                 "(run `dvc repro` to train them)")
-    return df.loc[list(cells)].reset_index(drop=True)
+    return df.loc[keys].reset_index(drop=True)
 
 
 def _variant_rows(cells_df: pd.DataFrame, variant: str) -> pd.DataFrame:
-    return cells_df.loc[cells_df["variant"] == variant].sort_values("seed")
+    sub = cells_df.loc[cells_df["variant"] == variant]
+    return sub.sort_values(["split", "seed"] if len(splits_of(sub)) > 1 else "seed")
 
 
 def _check_variants(cells_df: pd.DataFrame, variants: Sequence[str]) -> None:
@@ -147,7 +170,8 @@ def _check_variants(cells_df: pd.DataFrame, variants: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- tables
 def ablation_table(cells_df: pd.DataFrame, variants: Sequence[str], baseline: str = "baseline") -> pd.DataFrame:
-    """Per variant (in ``variants`` order): ``variant, n, seeds`` and, for each of
+    """Per variant (in ``variants`` order): ``variant, n, seeds, splits`` (a cell's seed and split,
+    one entry per cell) and, for each of
     ``mIoU_base, mIoU_novel, mIoU, hIoU``: ``<m>_mean``, ``<m>_std`` (sample std, ddof=1; NaN
     with fewer than two values), ``<m>_n`` (seeds with a value) and ``<m>_diff`` (mean minus
     the baseline's mean; NaN when ``baseline`` has no cells, 0 for the baseline itself) and
@@ -167,6 +191,7 @@ def ablation_table(cells_df: pd.DataFrame, variants: Sequence[str], baseline: st
     for v in variants:
         sub = _variant_rows(cells_df, v)
         row: dict[str, Any] = {"variant": v, "n": int(len(sub)), "seeds": [int(s) for s in sub["seed"]],
+                               "splits": [k for k, _ in pair_keys(sub)],
                                "is_baseline": v == baseline}
         for k, _ in ABLATION_METRICS:
             vals = sub[k].astype(float)
@@ -202,6 +227,20 @@ def _seeds_text(seeds) -> str:
     return ", ".join(str(int(s)) for s in seeds)
 
 
+def _table_splits(table: pd.DataFrame) -> list:
+    if "splits" not in table or not len(table):
+        return []
+    return sorted({k for ks in table["splits"] for k in ks if k is not None})
+
+
+def _cells_text(seeds, splits) -> str:
+    """A row's cells: its seeds, or per split its seeds (``s1: 6, 7; s2: 6, 7``)."""
+    by: dict = {}
+    for k, s in zip(splits, seeds):
+        by.setdefault(k, []).append(s)
+    return "; ".join(f"s{k}: {_seeds_text(ss)}" for k, ss in by.items())
+
+
 def ablation_notes(table: pd.DataFrame, cell_iterations: int | None = None,
                    main_iterations: int | None = None) -> list[str]:
     """What the table's numbers are worth, one warning per line (markdown): cells trained for
@@ -234,14 +273,16 @@ def ablation_markdown(table: pd.DataFrame, dataset: str | None = None, reference
     37.1 mIoU), or an explicit ``reference`` mapping (``label``, ``mIoU``, ``setting``), a
     separate "Reference bound" part quotes it, marked as published and not a project result.
     """
-    headers = ["variant", "seeds"]
+    multi = len(_table_splits(table)) > 1
+    headers = ["variant", "split: seeds" if multi else "seeds"]
     align = ["l", "l"]
     for _, h in ABLATION_METRICS:
         headers += [h, "Δ"]
         align += ["r", "r"]
     rows = []
     for r in table.to_dict("records"):
-        row = [f"**{r['variant']}**" if r.get("is_baseline") else r["variant"], _seeds_text(r["seeds"])]
+        row = [f"**{r['variant']}**" if r.get("is_baseline") else r["variant"],
+               _cells_text(r["seeds"], r["splits"]) if multi else _seeds_text(r["seeds"])]
         for k, _ in ABLATION_METRICS:
             row.append(fmt_mean_std(r[f"{k}_mean"], r[f"{k}_std"]))
             mark = INSIDE_SPREAD if r.get(f"{k}_inside") is True else ""
@@ -255,9 +296,15 @@ def ablation_markdown(table: pd.DataFrame, dataset: str | None = None, reference
     lines = [f"> {n}\n" for n in notes]
     if dataset:
         lines.append(f"Dataset: `{dataset}`.")
-    lines.append(f"Seeds used: {_seeds_text(all_seeds) if all_seeds else 'none'} "
-                 f"({' / '.join(str(n) for n in ns) or 0} per variant). Percent; each cell is the mean over "
-                 "seeds ± the sample standard deviation (ddof = 1; `n/a` with one seed).")
+    if multi:
+        lines.append(f"Splits {_seeds_text(_table_splits(table))} × seeds {_seeds_text(all_seeds)} "
+                     f"({' / '.join(str(n) for n in ns)} cells per variant). Percent; each cell is the mean over "
+                     "the variant's cells, **pooled over splits and seeds**, ± their sample standard deviation "
+                     "(ddof = 1), so the spread includes the differences between splits.")
+    else:
+        lines.append(f"Seeds used: {_seeds_text(all_seeds) if all_seeds else 'none'} "
+                     f"({' / '.join(str(n) for n in ns) or 0} per variant). Percent; each cell is the mean over "
+                     "seeds ± the sample standard deviation (ddof = 1; `n/a` with one seed).")
     if baseline_name is not None:
         lines.append(f"Δ = difference of the mean to the **{baseline_name}** mean (from unrounded means); "
                      f"{INSIDE_SPREAD} = inside the seed spread.")
@@ -313,7 +360,8 @@ def novel_class_iou(cells_dir, variants: Sequence[str]) -> pd.DataFrame:
     """Per novel class (rows, by class id): ``id, name``, then one column per variant (in
     ``variants`` order) with its IoU averaged over the seeds where the class has an IoU (NaN
     when it has none in any seed). The novel classes are those marked ``novel`` in the cells'
-    ``per_class_iou.csv``."""
+    ``per_class_iou.csv``: over several splits, each class is averaged over the cells of the
+    splits where it is novel."""
     variants = list(variants)
     cells = load_cells(cells_dir)
     _check_variants(cells, variants)

@@ -51,6 +51,11 @@ class Grid:
     seeds: list[int]
     iterations: int                                 # training iterations of every cell
     cells: pd.DataFrame | None = None               # :func:`ablation.grid_cells` (read once by the stage)
+    splits: list[int] = field(default_factory=list)     # ablation.splits; [] = the report's split only
+
+    @property
+    def multi_split(self) -> bool:
+        return len(self.splits) > 1
 
     def cell_rows(self) -> pd.DataFrame:
         if self.cells is None:
@@ -135,7 +140,9 @@ def answer_section(r: Inputs) -> Section:
         line3 = f"- **{KEY_DIFFERENCE[0]} − {KEY_DIFFERENCE[1]}**: no grid, no paired difference."
     else:
         t = g.table.set_index("variant")["mIoU_novel_mean"].dropna().sort_values(ascending=False)
-        line2 = (f"- **Grid by novel mIoU** (mean over seeds {', '.join(map(str, g.seeds))}): "
+        over = (f"mean over splits {', '.join(map(str, g.splits))} and seeds {', '.join(map(str, g.seeds))}, pooled"
+                if g.multi_split else f"mean over seeds {', '.join(map(str, g.seeds))}")
+        line2 = (f"- **Grid by novel mIoU** ({over}): "
                  + " > ".join(f"{v} {ev._f(x)}" for v, x in t.items()) + ".")
         a, b = KEY_DIFFERENCE
         pair = ev.paired_table(g.cell_rows(), comparisons=(KEY_DIFFERENCE,), metrics=(("mIoU_novel", "novel mIoU"),))
@@ -150,7 +157,8 @@ def answer_section(r: Inputs) -> Section:
                 verdict = ("resolved: a > b" if d["ci_low"] > 0 else "resolved: a < b" if d["ci_high"] < 0
                            else "not resolved (the interval spans 0)")
                 ci = f" (95% CI [{ev._f(d['ci_low'])}, {ev._f(d['ci_high'])}])"
-            line3 = (f"- **{a} − {b}**, novel mIoU paired over {int(d['n'])} seeds: "
+            pairs = f"{int(d['n'])} pairs (split, seed)" if g.multi_split else f"{int(d['n'])} seeds"
+            line3 = (f"- **{a} − {b}**, novel mIoU paired over {pairs}: "
                      f"{ev._f(d['mean']):s}{ci}; {verdict}.").replace(": -", ": −")
     return Section("Answer", "\n".join([headline_line(r), line1, line2, line3]) + "\n\nThe evidence follows; how the run was made is "
                    "under *Run* at the end.\n")
@@ -162,7 +170,13 @@ def run_section(r: Inputs) -> Section:
              f"- commit: `{run.get('commit', 'unknown')}`; DVC experiment: `{run.get('experiment', 'workspace')}`",
              f"- date: {run.get('date', 'unknown')}",
              f"- main model: {run.get('iterations', '?')} iterations, seed {run.get('seed', '?')}"]
-    if grid is not None:
+    if grid is not None and grid.splits:        # ablation.splits set: say which, even one
+        lines.append(f"- ablation grid: {len(grid.variants)} variants × splits {', '.join(map(str, grid.splits))} × "
+                     f"seeds {', '.join(map(str, grid.seeds))}; {grid.iterations} iterations per cell; each split's "
+                     f"cells start from that split's own weak-shot pre-training (split {r.split}'s: the pipeline's)"
+                     + ("; the grid's means pool splits and seeds, its paired differences pair by (split, seed)"
+                        if grid.multi_split else ""))
+    elif grid is not None:
         lines.append(f"- ablation grid: {len(grid.variants)} variants × seeds {', '.join(map(str, grid.seeds))}; "
                      f"{grid.iterations} iterations per cell")
     changed = run.get("changed")
@@ -197,8 +211,9 @@ def baselines_section(r: Inputs) -> Section | None:
     if r.grid is not None:
         t = r.grid.table.set_index("variant")
         pacc = r.grid.cell_rows().groupby("variant")["pAcc"].mean()
+        unit = "cells: splits × seeds" if r.grid.multi_split else "seeds"
         for v in t.index:
-            models[f"grid: {v} (mean of {int(t.loc[v, 'n'])} seeds)"] = {
+            models[f"grid: {v} (mean of {int(t.loc[v, 'n'])} {unit})"] = {
                 "mIoU": t.loc[v, "mIoU_mean"], "mIoU_base": t.loc[v, "mIoU_base_mean"],
                 "mIoU_novel": t.loc[v, "mIoU_novel_mean"], "hIoU": t.loc[v, "hIoU_mean"], "pAcc": pacc.get(v)}
     return Section("Trivial baselines", ev.quick_look_banner(r.metrics, r.baselines)
@@ -250,7 +265,8 @@ def ablation_section(r: Inputs) -> Section | None:
     curves, curves_link = _figure(r, "Training curves per variant", "variant_curves.png")
     ab.plot_novel_class_iou(novel, bars)
     ab.plot_variant_curves(g.cells_dir, g.variants, curves, r.smoothing)
-    text = (ab.ablation_markdown(g.table, r.dataset, notes=notes) + "\nNovel-class IoU (percent, mean over seeds):"
+    over = "mean over the seeds of the split where the class is novel" if g.multi_split else "mean over seeds"
+    text = (ab.ablation_markdown(g.table, r.dataset, notes=notes) + f"\nNovel-class IoU (percent, {over}):"
             "\n\n" + ab.novel_class_markdown(novel) + "\n" + bars_link + "\n" + curves_link)
     return Section("Ablation", text, {"Novel-class IoU per variant": bars, "Training curves per variant": curves})
 
@@ -271,8 +287,9 @@ def sweep_section(r: Inputs) -> Section | None:
     sweep = ev.sweep_frame(cells, weights)
     path, link = _figure(r, "Novel and base mIoU against the DistLoss weight", "pp_weight_sweep.png")
     ev.plot_sweep(sweep, path)
-    return Section("DistLoss weight sweep", "Full SimFormer with only `loss.pp_weight` changed. Mean ± std over "
-                   "seeds.\n\n" + ev.sweep_markdown(sweep) + "\n" + link,
+    over = "the cells, pooled over splits and seeds" if g.multi_split else "seeds"
+    return Section("DistLoss weight sweep", f"Full SimFormer with only `loss.pp_weight` changed. Mean ± std over "
+                   f"{over}.\n\n" + ev.sweep_markdown(sweep) + "\n" + link,
                    {"DistLoss weight sweep": path})
 
 
@@ -356,11 +373,12 @@ def grid_inputs(cells_dir, raw: dict, g, main_iterations: int) -> tuple[Grid, di
     parsed params file; ``main_iterations``: ``train.iterations``), the DistLoss weight sweep and the
     variants whose training reads novel masks: what the report shows of a grid (the report stage, and
     an offline bundle's report: pipeline/offline.py)."""
-    from ..ablation import novel_mask_variants, pp_weight_sweep
+    from ..ablation import grid_cells, novel_mask_variants, pp_weight_sweep
     variants = list(g.run)
-    cells = ab.grid_cells(cells_dir, g.cells())
+    cells = ab.grid_cells(cells_dir, [c.key for c in grid_cells(g, raw["data"]["split"])])
     table = ab.ablation_table(cells, variants, baseline="baseline" if "baseline" in variants else variants[0])
-    grid = Grid(table, Path(cells_dir), variants, list(g.seeds), g.iterations or main_iterations, cells)
+    grid = Grid(table, Path(cells_dir), variants, list(g.seeds), g.iterations or main_iterations, cells,
+                list(g.splits))
     return grid, pp_weight_sweep(raw, g), novel_mask_variants(raw, g)
 
 

@@ -3,7 +3,10 @@ over seeds with confidence intervals, the DistLoss weight sweep and the similari
 diagnostics logged during training.
 
 Inputs are plain tables: ``cells`` is :func:`pipeline.report.ablation.load_cells`' frame (one
-row per cell: ``variant, seed``, the summary metrics, ``cell_dir`` holding ``curve.csv``).
+row per cell: ``variant, seed, split``, the summary metrics, ``cell_dir`` holding ``curve.csv``).
+Two variants' cells pair by ``(split, seed)`` (:func:`pipeline.report.ablation.pair_keys`): on
+one split that is pairing by seed; over several (``ablation.splits``) each split's cells pair
+among themselves, and the text says "pairs (split, seed)".
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
+from .ablation import pair_keys, splits_of  # noqa: E402
 from .stats import paired_difference  # noqa: E402
 
 # (a, b): "a - b"; the comparisons the issue tracker and the paper care about
@@ -76,24 +80,31 @@ def quick_look_banner(metrics: Mapping, baselines: Mapping) -> str:
 def paired_table(cells: pd.DataFrame, comparisons=COMPARISONS, metrics=PAIRED_METRICS,
                  confidence: float = 0.95) -> pd.DataFrame:
     """One row per (comparison, metric) whose two variants are in ``cells``: ``a, b, metric, n,
-    mean, ci_low, ci_high, p_value, seeds``; pairs are cells of the same seed."""
+    mean, ci_low, ci_high, p_value, seeds`` (the pairs' ``(split, seed)``); pairs are cells of the
+    same split and seed."""
     rows = []
     have = set(cells["variant"])
     for a, b in comparisons:
         if a not in have or b not in have:
             continue
         for key, label in metrics:
-            va = dict(zip(cells.loc[cells["variant"] == a, "seed"], cells.loc[cells["variant"] == a, key]))
-            vb = dict(zip(cells.loc[cells["variant"] == b, "seed"], cells.loc[cells["variant"] == b, key]))
+            va, vb = (_by_pair(cells, v, key) for v in (a, b))
             d = paired_difference(va, vb, confidence)
             rows.append({"a": a, "b": b, "metric": label, **d})
     return pd.DataFrame(rows)
 
 
+def _by_pair(cells: pd.DataFrame, variant: str, metric: str) -> dict[tuple, float]:
+    sub = cells.loc[cells["variant"] == variant]
+    return dict(zip(pair_keys(sub), sub[metric].astype(float)))
+
+
 def paired_markdown(table: pd.DataFrame, confidence: float = 0.95) -> str:
     if table.empty:
         return "No two variants of the comparisons share a seed.\n"
-    lines = [f"| difference | metric | seeds (pairs) | mean | {int(confidence * 100)}% CI | p (paired t) | verdict |",
+    multi = len({k for ks in table["seeds"] for k, _ in ks}) > 1
+    pairs = "pairs (split, seed)" if multi else "seeds (pairs)"
+    lines = [f"| difference | metric | {pairs} | mean | {int(confidence * 100)}% CI | p (paired t) | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         if r.n < 2:
@@ -106,9 +117,13 @@ def paired_markdown(table: pd.DataFrame, confidence: float = 0.95) -> str:
             verdict = "not resolved (CI spans 0)"
         lines.append(f"| {r.a} − {r.b} | {r.metric} | {r.n} | {_f(r.mean)} | [{_f(r.ci_low)}, {_f(r.ci_high)}] | "
                      f"{_f(r.p_value, 3)} | {verdict} |")
-    return ("Paired over seeds: the cells of one seed share the data order, the augmentations and the "
-            "initialisation, so the per-seed difference removes the seed's own luck. Student t interval with n − 1 "
-            "degrees of freedom.\n\n" + "\n".join(lines) + "\n")
+    head = ("Paired over seeds: the cells of one seed share the data order, the augmentations and the "
+            "initialisation, so the per-seed difference removes the seed's own luck.")
+    if multi:
+        head = ("Paired by split and seed, pairs (split, seed): the cells of one split and seed share the split's "
+                "classes, its pre-training, the data order, the augmentations and the initialisation, so the "
+                "difference of a pair removes the split's and the seed's own luck.")
+    return head + " Student t interval with n − 1 degrees of freedom.\n\n" + "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- pp_weight sweep
@@ -305,33 +320,40 @@ HEADROOM = ("full_oracle_teacher", "pp0")       # a perfect teacher vs DistLoss 
 ENDPOINT_METRIC = "mIoU_novel"
 
 
-def paired_diffs(cells: pd.DataFrame, a: str, b: str, metric: str = ENDPOINT_METRIC) -> dict[int, float]:
-    """``{seed: a - b}`` of ``metric`` over the seeds where both variants have a finite value."""
-    va = cells.loc[cells["variant"] == a].set_index("seed")[metric].astype(float)
-    vb = cells.loc[cells["variant"] == b].set_index("seed")[metric].astype(float)
-    both = sorted(s for s in set(va.index) & set(vb.index) if math.isfinite(va[s]) and math.isfinite(vb[s]))
-    return {int(s): float(va[s] - vb[s]) for s in both}
+def paired_diffs(cells: pd.DataFrame, a: str, b: str, metric: str = ENDPOINT_METRIC) -> dict[tuple, float]:
+    """``{(split, seed): a - b}`` of ``metric`` over the pairs (cells of one split and seed) where both
+    variants have a finite value."""
+    va, vb = _by_pair(cells, a, metric), _by_pair(cells, b, metric)
+    both = sorted((k for k in set(va) & set(vb) if math.isfinite(va[k]) and math.isfinite(vb[k])),
+                  key=lambda k: (k[0] is not None, k[0] or 0, k[1]))
+    return {k: float(va[k] - vb[k]) for k in both}
 
 
 def per_class_diffs(cells: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """Per novel class: ``id, name, diff`` = the mean over seeds of IoU(a) - IoU(b) (seeds where the
-    class has an IoU in both cells), ``seeds`` = how many; classes with none left out."""
+    """Per novel class: ``id, name, diff`` = the mean over the pairs (split, seed) of IoU(a) - IoU(b)
+    (pairs where the class is novel and has an IoU in both cells: a class novel in one split of the
+    grid is averaged over that split's seeds), ``seeds`` = how many pairs, ``splits`` = the splits
+    where it is novel (e.g. ``"2"``); classes with none left out."""
     from .ablation import _read_per_class
-    iou: dict[tuple[str, int], pd.Series] = {}
+    iou: dict[tuple[str, tuple], pd.Series] = {}
     names: dict[int, str] = {}
-    for r in cells.loc[cells["variant"].isin([a, b])].itertuples():
+    rows_ab = cells.loc[cells["variant"].isin([a, b])]
+    for r, key in zip(rows_ab.itertuples(), pair_keys(rows_ab)):
         pc = _read_per_class(Path(r.cell_dir) / "per_class_iou.csv")
         pc = pc.loc[pc["split"].astype(str) == "novel"]
         names.update(zip(pc["id"].astype(int), pc["name"].astype(str)))
-        iou[(r.variant, int(r.seed))] = pc.set_index(pc["id"].astype(int))["iou"].astype(float)
-    seeds = sorted({s for v, s in iou if v == a} & {s for v, s in iou if v == b})
+        iou[(r.variant, key)] = pc.set_index(pc["id"].astype(int))["iou"].astype(float)
+    pairs = sorted({k for v, k in iou if v == a} & {k for v, k in iou if v == b},
+                   key=lambda k: (k[0] is not None, k[0] or 0, k[1]))
     rows = []
     for cid in sorted(names):
-        d = [iou[(a, s)].get(cid, float("nan")) - iou[(b, s)].get(cid, float("nan")) for s in seeds]
-        d = [x for x in d if math.isfinite(x)]
+        d = [(k, iou[(a, k)].get(cid, float("nan")) - iou[(b, k)].get(cid, float("nan"))) for k in pairs]
+        d = [(k, x) for k, x in d if math.isfinite(x)]
         if d:
-            rows.append({"id": cid, "name": names[cid], "diff": sum(d) / len(d), "seeds": len(d)})
-    return pd.DataFrame(rows, columns=["id", "name", "diff", "seeds"])
+            splits = ", ".join(str(s) for s in sorted({k[0] for k, _ in d if k[0] is not None}))
+            rows.append({"id": cid, "name": names[cid], "diff": sum(x for _, x in d) / len(d), "seeds": len(d),
+                         "splits": splits})
+    return pd.DataFrame(rows, columns=["id", "name", "diff", "seeds", "splits"])
 
 
 _ANSWER = {"resolved_up": "**Yes, here:** similarity transfer raises novel mIoU (the corrected interval lies above 0)",
@@ -345,7 +367,7 @@ _ANSWER = {"resolved_up": "**Yes, here:** similarity transfer raises novel mIoU 
 def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, str] | None = None,
                                 data_setting: str = "") -> str | None:
     """The report's "Does similarity transfer help?" section: None unless the grid has the
-    :data:`ENDPOINT` variants. Endpoint novel mIoU ``full - pp0`` paired by seed with its verdict
+    :data:`ENDPOINT` variants. Endpoint novel mIoU ``full - pp0`` paired by (split, seed) with its verdict
     (:func:`pipeline.report.verdict.verdict`, Bonferroni over the comparisons stated here), the
     headroom control (:data:`HEADROOM`, labelled as using novel masks) when present, the pairs
     needed for 80% power on a 3-point effect from this grid's paired SD, the held-out AUCs, a
@@ -361,7 +383,10 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
                                "a diagnostic, not a weak-shot result) vs DistLoss off"))
     k = len(rows)
     results = []
-    lines = ["| comparison | what | pairs (seeds) | mean | CI | verdict |", "|---|---|---|---|---|---|"]
+    splits = splits_of(cells.loc[cells["variant"].isin(ENDPOINT)])
+    multi = len(splits) > 1
+    lines = [f"| comparison | what | {'pairs (split, seed)' if multi else 'pairs (seeds)'} | mean | CI | verdict |",
+             "|---|---|---|---|---|---|"]
     for (a, b), what in rows:
         d = paired_diffs(cells, a, b)
         v = verdict(list(d.values()), comparisons=k)
@@ -369,7 +394,9 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
         ci = f"[{_f(v['ci_low'])}, {_f(v['ci_high'])}] ({v['level']:.1%})"
         lines.append(f"| {a} − {b} | {what} | {v['n']} | {_f(v['mean'])} | {ci} | `{v['verdict']}` |")
     end = results[0]
-    text = [f"Endpoint: **novel mIoU, `{ENDPOINT[0]}` − `{ENDPOINT[1]}`**, paired by seed (the two train the same "
+    paired = (f"over splits {', '.join(map(str, splits))}, pairs (split, seed): a pair is the two cells of one split "
+              "and seed" if multi else "paired by seed")
+    text = [f"Endpoint: **novel mIoU, `{ENDPOINT[0]}` − `{ENDPOINT[1]}`**, {paired} (the two train the same "
             "model with SimLoss; only DistLoss, the transfer of SimNet's similarity to the novel masks, differs). "
             f"Intervals: two-sided t, Bonferroni-corrected for the {k} comparison{'s' if k > 1 else ''} of this "
             f"section. Verdicts: `resolved_up` / `resolved_down` when the interval excludes 0, `equivalent` when it "
@@ -383,7 +410,8 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
                     f"effect needs **{need} pairs** for {TARGET_POWER:.0%} power (two-sided paired t, alpha 0.05/{k}); "
                     f"the grid has {end['n']}.")
     else:
-        text.append("Sample size: fewer than 2 pairs, so no paired SD to plan from: add seeds (`ablation.seeds`).")
+        text.append("Sample size: fewer than 2 pairs, so no paired SD to plan from: add seeds (`ablation.seeds`) "
+                    "or splits (`ablation.splits`).")
     if len(results) > 1:
         head = results[1]
         if head["verdict"] == "resolved_up" and end["verdict"] != "resolved_up":
@@ -401,9 +429,14 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
     text = text[:-3] + [x for t in text[-3:] for x in ("", t)]     # answer, sample size, headroom: paragraphs
     pcd = per_class_diffs(cells, *ENDPOINT)
     st = sign_test(pcd["diff"])
-    text += ["", f"Per novel class (IoU of `{ENDPOINT[0]}` − `{ENDPOINT[1]}`, mean over seeds): {st['up']} up, "
+    over = ("mean over the seeds of the split where the class is novel; the classes of every split" if multi
+            else "mean over seeds")
+    text += ["", f"Per novel class (IoU of `{ENDPOINT[0]}` − `{ENDPOINT[1]}`, {over}): {st['up']} up, "
              f"{st['down']} down, {st['ties']} tied; exact two-sided sign test p = {_f(st['p_value'], 3)}.", ""]
-    if not pcd.empty:
+    if not pcd.empty and multi:
+        text += ["| novel class | split | Δ IoU | seeds |", "|---|---|---|---|"]
+        text += [f"| {r.name} | {r.splits} | {r.diff:+.1f} | {r.seeds} |" for r in pcd.itertuples()]
+    elif not pcd.empty:
         text += ["| novel class | Δ IoU | seeds |", "|---|---|---|"]
         text += [f"| {r.name} | {r.diff:+.1f} | {r.seeds} |" for r in pcd.itertuples()]
     shown = [v for v in (ENDPOINT[1], ENDPOINT[0], HEADROOM[0]) if v in have]
