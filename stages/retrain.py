@@ -56,6 +56,7 @@ def main() -> None:
         if tracker:     # counts are tags; the share of correct novel pixels is a metric
             tracker.set_tags({f"pseudo.{k}": v for k, v in stats.items() if k != "novel_precision"})
             tracker.log_metrics({"pseudo_novel_precision": stats["novel_precision"]})
+            tracker.start_system_metrics()     # CPU, memory (GPU where there is one), as the train stage
         model, out = train(rp, args.dataset_dir, split, index, args.out / "checkpoint.pt",
                            **training_callbacks(tracker, cores, rp), label_root=labels, progress=not args.no_progress,
                            init=load_init(args.init, rp.model.pretrained))
