@@ -61,8 +61,23 @@ def cell_run_name(variant: str, seed: int, split: int | None = None) -> str:
     return f"{variant}-seed{seed}" if split is None else f"{variant}-split{split}-seed{seed}"
 
 
+class CellNames:
+    """A cell's key and MLflow run name, from its ``variant``, ``seed`` and ``key_split`` (the split
+    they carry: None on the main params' ``data.split``)."""
+    variant: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.variant, self.seed, self.key_split)
+
+    @property
+    def run_name(self) -> str:
+        return cell_run_name(self.variant, self.seed, self.key_split)
+
+
 @dataclass(frozen=True)
-class Cell:
+class Cell(CellNames):
     """One cell of the grid: a variant trained at a seed on a split (its ``data.split``)."""
     variant: str
     seed: int
@@ -74,14 +89,6 @@ class Cell:
         """The split the key and run name carry, and :func:`cell_params` sets: None on ``data.split``
         (the main params' own)."""
         return None if self.on_main_split else self.split
-
-    @property
-    def key(self) -> str:
-        return cell_key(self.variant, self.seed, self.key_split)
-
-    @property
-    def run_name(self) -> str:
-        return cell_run_name(self.variant, self.seed, self.key_split)
 
 
 def grid_splits(ablation: AblationConfig, main_split: int) -> tuple[int, ...]:

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .ablation import cell_key, cell_params, cell_run_name, grid_cells, shares_main_training
+from .ablation import CellNames, cell_params, grid_cells, shares_main_training
 from .config import AblationConfig, Params, flatten, params_file_text, params_hash, to_dict
 
 SIMILARITY_COST = 1.7       # a step with SimLoss / DistLoss against one without (start order only)
@@ -63,7 +63,7 @@ RESULT_KEYS = ("mIoU", "mIoU_base", "mIoU_novel", "hIoU")
 
 
 @dataclass(frozen=True)
-class CellJob:
+class CellJob(CellNames):
     """Everything one cell needs; picklable (it crosses into a spawned worker)."""
     variant: str
     seed: int
@@ -87,14 +87,6 @@ class CellJob:
         it), else None."""
         k = self.params.data.split
         return None if self.main_split is None or k == self.main_split else k
-
-    @property
-    def key(self) -> str:
-        return cell_key(self.variant, self.seed, self.key_split)
-
-    @property
-    def run_name(self) -> str:
-        return cell_run_name(self.variant, self.seed, self.key_split)
 
     def experiment(self) -> str | None:
         """The grid's MLflow experiment (``data.split``'s) for a cell on another split; None: the one of

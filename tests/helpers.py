@@ -206,10 +206,16 @@ def runs_in_store(root: Path) -> list[dict]:
 
 def run_stage(name: str, *argv) -> int:
     """``python -m stages.<name> argv...`` in-process: the exit status (0 when main returns)."""
+    return run_module(f"stages.{name}", *argv)
+
+
+def run_module(module: str, *argv) -> int:
+    """``python -m <module> argv...`` (a stage or a tool) in-process: the exit status (0 when its main
+    returns)."""
     from pipeline.cli import run
-    mod = importlib.import_module(f"stages.{name}")
+    mod = importlib.import_module(module)
     old = sys.argv
-    sys.argv = [f"stages/{name}.py", *map(str, argv)]
+    sys.argv = [module.replace(".", "/") + ".py", *map(str, argv)]
     try:
         run(mod.main)
         return 0

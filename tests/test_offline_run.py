@@ -8,7 +8,6 @@ that refuses `mlflow` and `dvc` and records each attempt: the run must never try
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import platform
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import module_dir
-from tests.helpers import ROOT, make_project, project_env, tiny_params
+from tests.helpers import ROOT, make_project, project_env, run_module, tiny_params
 
 GRID_STAGES = ["download", "prepare", "baselines", "pretrain", "train", "evaluate", "ablate", "report"]
 CELLS = ["baseline-3", "full-3"]
@@ -69,17 +68,7 @@ def guarded_env(folder: Path) -> dict:
 
 def run_tool(name: str, *argv) -> int:
     """``python -m tools.<name> argv...`` in-process: its exit status."""
-    from pipeline.cli import run
-    mod = importlib.import_module(f"tools.{name}")
-    old = sys.argv
-    sys.argv = [f"tools/{name}.py", *map(str, argv)]
-    try:
-        run(mod.main)
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
+    return run_module(f"tools.{name}", *argv)
 
 
 @pytest.fixture(scope="module")
