@@ -65,6 +65,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import yaml
 
 from .config import ConfigError, flatten
+from .data.download import file_digest
 from .io import atomic_dir, atomic_path, read_json, write_json, write_text
 
 FORMAT = "simformer-offline-bundle/1"
@@ -350,14 +351,6 @@ def bundled_files(stages: Mapping[str, Stage], ran: Sequence[str], root: Path, k
     return sorted(picked)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pack(folder: Path, tar: Path) -> int:
     """``folder`` as a .tar.gz at ``tar`` (its top folder: ``folder``'s name); the size in bytes."""
     def keep(info: tarfile.TarInfo):
@@ -453,7 +446,7 @@ def run_offline(pipeline_file, params_file, out, *, overrides: Sequence[str] = (
             shutil.copy2(root / rel, tmp / rel)
     manifest.update(status="failed" if failed else "complete", failed_stage=failed, finished_utc=_utc(),
                     wall_seconds=round(time.time() - started, 3),
-                    files={rel: {"bytes": (out / OUTPUTS / rel).stat().st_size, "sha256": _sha256(out / OUTPUTS / rel)}
+                    files={rel: {"bytes": (out / OUTPUTS / rel).stat().st_size, "sha256": file_digest(out / OUTPUTS / rel)}
                            for rel in files})
     write_json(out / MANIFEST, manifest)
     size = pack(out, tar)
@@ -523,7 +516,7 @@ class Bundle:
                              + "): nothing is imported from it")
         for rel, info in m["files"].items():
             f = folder / OUTPUTS / rel
-            if not f.is_file() or _sha256(f) != info["sha256"]:
+            if not f.is_file() or file_digest(f) != info["sha256"]:
                 raise ValueError(f"bundle '{folder}': {OUTPUTS}/{rel} is missing or differs from its manifest "
                                  "(sha256): the bundle was changed after it was written")
         raw = yaml.safe_load(m["params_text"]) or {}
@@ -561,7 +554,7 @@ class Bundle:
 def _digest(files: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode() + b"\0" + bytes.fromhex(_sha256(f)))
+        h.update(f.name.encode() + b"\0" + bytes.fromhex(file_digest(f)))
     return h.hexdigest()
 
 

@@ -85,9 +85,8 @@ def short_training(p: Params, dataset_dir: Path, split: dict, index: dict, workd
     finite = all(math.isfinite(x) for x in losses)
     k = max(1, len(losses) // 4)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    skip = max(1, len(stamps) // 10)
-    gaps = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(stamps[skip - 1:], stamps[skip:]) if s2 > s1)
-    sec_per_it = gaps[len(gaps) // 2] if gaps else total / max(1, out.steps)
+    med = _median_step_seconds(stamps)
+    sec_per_it = med if math.isfinite(med) else total / max(1, out.steps)
     hours = {name: its * sec_per_it / 3600 for name, its in PAPER_SCHEDULES.items()}
     return {"steps": out.steps, "batch_size": p.train.batch_size, "crop_size": p.data.crop_size,
             "device": str(device), "seconds_total": total, "seconds_per_iteration": sec_per_it,
