@@ -44,7 +44,7 @@ repro: $(VENV)/.installed
 	dvc repro
 
 test: $(VENV)/.installed
-	python -m pytest -q tests
+	python -m pytest -q --durations=15 tests
 
 # Before the first run there is no store: say so instead of opening an empty UI. MLflow 3 opens on
 # a GenAI home page: the URLs printed first lead to the runs table and the models (docs/MLFLOW_UI.md).

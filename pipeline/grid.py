@@ -97,11 +97,8 @@ class CellJob(CellNames):
 
 def finished_checkpoint(path: Path, phash: str, iterations: int) -> bool:
     """True when ``path`` holds the final checkpoint of the params with hash ``phash``."""
-    from .engine.checkpoint import load_checkpoint
-    if not path.is_file():
-        return False
-    ck = load_checkpoint(path)
-    return ck.get("params_hash") == phash and int(ck.get("step", -1)) == iterations
+    from .engine.checkpoint import checkpoint_step
+    return checkpoint_step(path, phash) == iterations
 
 
 def cell_cost(p: Params, shared: bool) -> float:

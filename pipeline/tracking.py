@@ -408,6 +408,11 @@ def registry_url(name: str) -> str:
     return f"{ui_base()}/#/models/{quote(name)}"
 
 
+def model_version_url(name: str, version) -> str:
+    """One registered version's page: its aliases, source run and logged model."""
+    return f"{registry_url(name)}/versions/{version}"
+
+
 def ui_links(root, experiment: str) -> dict | None:
     """``{"experiment_id", "runs", "models", "registry", "champion", "latest"}`` of ``experiment``
     in the store of ``root`` (champion / latest: the versions holding those aliases, or None);
@@ -705,18 +710,6 @@ def _params_differ(logged: Mapping[str, str], p) -> list[str]:
     return [f"{k} {logged[k]} (run) vs {v} (here)" for k, v in here.items() if k in logged and logged[k] != v]
 
 
-def _local_step(path: Path, phash: str) -> int:
-    """The step of the checkpoint at ``path`` when it holds these params' (hash ``phash``), else -1."""
-    from .engine.checkpoint import load_checkpoint
-    if not path.is_file():
-        return -1
-    try:
-        ck = load_checkpoint(path)
-    except ValueError:                   # unreadable: training could not resume from it anyway
-        return -1
-    return int(ck.get("step", -1)) if ck.get("params_hash") == phash else -1
-
-
 def fetch_checkpoint(root, uri: str, p, dest) -> dict:
     """Download the newest checkpoint that the run ``uri`` (``runs:/<run_id>``) logged
     (:class:`CheckpointLogger`) from the store of ``root`` to ``dest``, the training's own checkpoint
@@ -736,7 +729,7 @@ def fetch_checkpoint(root, uri: str, p, dest) -> dict:
     from mlflow.exceptions import MlflowException
 
     from .config import params_hash
-    from .engine.checkpoint import load_checkpoint
+    from .engine.checkpoint import checkpoint_step, load_checkpoint
     run_id, root, dest = run_id_of(uri), Path(root).resolve(), Path(dest).resolve()
     fail = f"--resume-from {uri}: "
     client = open_client(root)
@@ -774,7 +767,7 @@ def fetch_checkpoint(root, uri: str, p, dest) -> dict:
     if name not in names:
         raise TrackingError(f"{fail}{CHECKPOINTS_DIR}/{LATEST_FILE} of run {run_id} names {name}, which the run "
                             f"does not hold (found: {', '.join(sorted(names - {LATEST_FILE})) or 'none'})")
-    if (local := _local_step(dest, phash)) > step:
+    if (local := checkpoint_step(dest, phash)) > step:
         raise TrackingError(f"{fail}the checkpoint '{dest}' of these params is at step {local}, further on than "
                             f"run {run_id}'s latest ({name}, step {step}); it is kept: resume from it without "
                             "--resume-from, or remove it first")

@@ -44,3 +44,20 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_step_reads_step_only_for_these_params(tmp_path):
+    """One reader of "how far is this training": the grid's "cell done" and --resume-from's
+    "the local checkpoint is further on" both use it."""
+    from pipeline.engine.checkpoint import checkpoint_step, save_checkpoint
+    from pipeline.grid import finished_checkpoint
+    path = tmp_path / "train.pt"
+    assert checkpoint_step(path, "abc") == -1                       # no file
+    save_checkpoint(path, {"step": 7, "params_hash": "abc"})
+    assert checkpoint_step(path, "abc") == 7
+    assert checkpoint_step(path, "other") == -1                     # other params
+    assert finished_checkpoint(path, "abc", 7) is True
+    assert finished_checkpoint(path, "abc", 8) is False
+    path.write_bytes(b"not a checkpoint")
+    assert checkpoint_step(path, "abc") == -1                       # unreadable
+    assert finished_checkpoint(path, "abc", 7) is False

@@ -193,6 +193,8 @@ def test_mlflow_ui_tool_prints_the_runs_table(trained):
     assert f"http://127.0.0.1:5000/#/experiments/{exp_id}/models?workflowType=machine_learning" in r.stdout
     assert f"http://127.0.0.1:5000/#/models/{EXP}" in r.stdout and "champion: version" in r.stdout
     assert f"models:/{EXP}@champion" in r.stdout
+    champ = _client(project).get_model_version_by_alias(EXP, "champion").version
+    assert f"champion version:    http://127.0.0.1:5000/#/models/{EXP}/versions/{champ}\n" in r.stdout
     recipe = re.search(r"^ui:.*?(?=^\S)", (ROOT / "Makefile").read_text() + "\nx", re.S | re.M).group(0)
     assert recipe.index("python -m tools.mlflow_ui") < recipe.index("mlflow ui ")
 

@@ -4,7 +4,8 @@ serves the store on http://127.0.0.1:5000).
 MLflow 3 opens on a GenAI home page; the training runs are in the experiment's runs table,
 which this prints with ``workflowType=machine_learning`` (the model-training view). Also
 printed: the experiment's Models tab (logged models with their evaluation metrics), the
-registered model's page with the version holding the alias ``champion`` and the newest (``models:/<name>/latest``),
+registered model's page with the version holding the alias ``champion`` (and that version's
+page) and the newest (``models:/<name>/latest``),
 and how to load the champion. Where each thing is: docs/MLFLOW_UI.md.
 
 Examples:
@@ -49,6 +50,7 @@ def main() -> None:
     alias = ", ".join(f"{a}: version {links[a]}" for a in (tracking.CHAMPION, tracking.LATEST) if links[a])
     print(f"  registered model:    {links['registry']}" + (f"  ({alias})" if alias else "  (nothing registered yet)"))
     if links[tracking.CHAMPION]:
+        print(f"  champion version:    {tracking.model_version_url(experiment, links[tracking.CHAMPION])}")
         print(f"  load the champion:   mlflow.pyfunc.load_model(\"models:/{experiment}@{tracking.CHAMPION}\")  or  "
               f"python -m tools.predict --model models:/{experiment}@{tracking.CHAMPION} ...")
 

@@ -58,3 +58,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, unsafe pickle
         raise ValueError(f"checkpoint '{path}' cannot be loaded safely: {e}") from e
+
+
+def checkpoint_step(path: str | Path, phash: str) -> int:
+    """The step of the checkpoint at ``path`` when it holds the params with hash ``phash``; -1 when
+    there is no file, it cannot be loaded (training could not resume from it either) or it holds
+    other params. The one reader behind "is this training done / how far is it"."""
+    path = Path(path)
+    if not path.is_file():
+        return -1
+    try:
+        ck = load_checkpoint(path)
+    except ValueError:
+        return -1
+    return int(ck.get("step", -1)) if ck.get("params_hash") == phash else -1
