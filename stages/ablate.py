@@ -67,7 +67,7 @@ def main() -> None:
         open_client(store_root())
     args.checkpoints.mkdir(parents=True, exist_ok=True)     # a DVC output even when nothing trains
     args.out.mkdir(parents=True, exist_ok=True)
-    prepare_splits(main_p, jobs, args.dataset_dir, progress=not args.no_progress)
+    prepare_splits(main_p, jobs, args.dataset_dir, progress=not args.no_progress, cores=cores())
     each = (f"{threads} torch thread{'s' if threads > 1 else ''} each" if threads
             else "torch threads: a fair share of the cores")
     where = "Slurm job array, " if slurm else ""

@@ -209,6 +209,40 @@ def test_a_tiny_grid_over_two_splits(tiny_data, store, tmp_path, capsys):
     assert "pre-training" not in said and (ck / "split-2/init.pt").stat().st_mtime_ns == before
 
 
+def test_extra_splits_pre_train_at_once_when_threads_are_fixed(tiny_data, tmp_path, capsys):
+    """train.threads fixed (1) on 2 cores: splits 2 and 3 pre-train two at a time in spawned processes,
+    and each initialisation is the bits of the same pre-training made alone in this process."""
+    from types import SimpleNamespace
+
+    from pipeline.grid import prepare_split, prepare_splits
+    raw = small_params(model={"pretrained": "weak_shot"}, pretrain={"iterations": 2, "batch_size": 2})
+    main = build_params(raw)
+    assert main.train.threads == 1
+    jobs = [SimpleNamespace(key_split=k, split_dir=tmp_path / f"s{k}/split", init=tmp_path / f"s{k}/init.pt")
+            for k in (3, 2, 3)] + [SimpleNamespace(key_split=None, split_dir=None, init=None)]
+    assert prepare_splits(main, jobs, tiny_data / "dataset", progress=False, cores=2) == [2, 3]
+    assert "pre-training splits 2, 3: 2 at a time, 1 torch thread each" in capsys.readouterr().out
+    assert prepare_split(main, 3, tiny_data / "dataset", tmp_path / "alone/split", tmp_path / "alone/init.pt",
+                         progress=False) is True
+    alone = torch.load(tmp_path / "alone/init.pt", map_location="cpu", weights_only=True)
+    for k in (2, 3):
+        made = torch.load(tmp_path / f"s{k}/init.pt", map_location="cpu", weights_only=True)
+        assert made["used"] is True and made["steps"] == 2
+        assert json.loads((tmp_path / f"s{k}/split/split.json").read_text())["split"] == k
+    made = torch.load(tmp_path / "s3/init.pt", map_location="cpu", weights_only=True)
+    assert made["pretrain_hash"] == alone["pretrain_hash"]
+    for part in ("backbone", "pixel_decoder"):
+        assert made[part].keys() == alone[part].keys()
+        assert all(torch.equal(made[part][n], alone[part][n]) for n in made[part]), part
+    # threads 0 (every core each): one after the other, with their own messages
+    seq = build_params(small_params(model={"pretrained": "weak_shot"}, pretrain={"iterations": 2, "batch_size": 2},
+                                    train={"threads": 0}))
+    jobs = [SimpleNamespace(key_split=4, split_dir=tmp_path / "s4/split", init=tmp_path / "s4/init.pt")]
+    assert prepare_splits(seq, jobs, tiny_data / "dataset", progress=False, cores=2) == [4]
+    said = capsys.readouterr().out
+    assert "at a time" not in said and "split 4 (18 base, 6 novel classes): pre-training" in said
+
+
 # ----------------------------------------------------------------------------- the report's pairing
 # novel mIoU of pp0 per (split, seed); full = pp0 + DIFF. Split 1's novel class is "cat", split 2's "dog".
 PP0 = {(1, 6): 30.0, (1, 7): 34.0, (2, 6): 50.0, (2, 7): 41.0}
