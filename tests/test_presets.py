@@ -42,3 +42,24 @@ def test_preset_with_a_typo_fails_naming_the_key(tmp_path):
     bad.write_text("train:\n  iteratons: 5\n")
     r = subprocess.run([sys.executable, "-m", "tools.preset", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown params key 'train.iteratons'. Did you mean 'train.iterations'?" in r.stderr
+
+
+def test_the_verdict_presets_are_valid_and_never_reuse_a_seed():
+    """The pilot and the two evidence runs of docs/EVIDENCE.md: valid params, the setting with headroom,
+    and seeds that no earlier run of the verdict used (a later run is analysed on its own)."""
+    from pipeline.config import build_ablation
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    seen: set[int] = set()
+    for name, variants, splits, n_pairs in (("verdict-pilot", ["pp0", "full", "full_oracle_teacher"], [], 3),
+                                            ("verdict", ["pp0", "full", "full_oracle_teacher", "+complementary"],
+                                             [1, 2, 3, 4], 12),
+                                            ("verdict-2", ["pp0", "full", "full_oracle_teacher"], [1, 2, 3, 4], 24)):
+        raw = _merge(base, yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text()), "")
+        p = build_params({k: v for k, v in raw.items() if k != "ablation"})
+        grid = build_ablation(raw["ablation"])
+        assert (p.data.synthetic.cooccur, p.data.synthetic.num_test, p.train.iterations, p.train.threads) == \
+            (1.0, 400, 800, 1), name
+        assert list(grid.run) == variants and list(grid.splits) == splits, name
+        assert len(grid.seeds) * max(1, len(grid.splits)) == n_pairs, name
+        assert not seen & set(grid.seeds), f"{name} reuses seeds {sorted(seen & set(grid.seeds))}"
+        seen |= set(grid.seeds)

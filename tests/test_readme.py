@@ -586,6 +586,23 @@ def test_readme_ablation_verdict_is_the_evidence_report():
     assert sim["verdict"].startswith("not resolved") and "similarity transfer shows no resolved gain" in result
 
 
+def test_readme_similarity_verdict_is_the_verdict_report():
+    """The README's answer to "does similarity transfer help?" quotes reports/verdict/report.md's
+    verdict table: both comparisons' means and intervals, and the words follow its verdicts."""
+    result = " ".join(_section(_text(README), "Result").split())
+    report = _text(ROOT / "reports" / "verdict" / "report.md")
+    quoted = {}
+    for label in ("full − pp0", "full_oracle_teacher − pp0"):
+        n, mean, ci, verdict = _row(report, label)[1:]
+        lo, hi = (float(v) for v in ci.split("(")[0].strip().strip("[]").split(","))
+        sign = "+" if float(mean) > 0 else ""
+        quoted[label] = f"{sign}{_fmt(float(mean))} [{_fmt(lo)}, {_fmt(hi)}]"
+        assert n == "12" and verdict == "`unresolved`" and "(97.5%)" in ci, (label, ci, verdict)
+    assert f"novel mIoU **{quoted['full − pp0']}**" in result
+    assert f"(uses novel masks, the headroom control) **{quoted['full_oracle_teacher − pp0']}**" in result
+    assert "Not settled at 12 pairs" in result and "97.5% t intervals" in result
+
+
 def test_readme_time_and_disk_figures_have_a_source():
     text = " ".join(_text(README).split())
     history = " ".join(_text(REPORTS_README).split())

@@ -209,3 +209,21 @@ def test_qualitative_figure_panels(tmp_path, saved_figures):
     qualitative_figure(model, images, ["sky", "road", "cat", "dog"], None, [2, 3], tmp_path / "q.png", top_k=2)
     (fig,) = saved_figures
     _check_panels(fig, "qualitative")
+
+
+def test_the_headline_over_several_splits_names_splits_and_seeds(tmp_path):
+    """A grid over splits 1, 2 x seeds 6, 7: the headline pools the 4 cells of (split, seed) and says so,
+    instead of listing each seed once per split."""
+    from pipeline.report.build import headline_line
+    r = _inputs(tmp_path)
+    novel = {(1, 6): 40.0, (1, 7): 44.0, (2, 6): 50.0, (2, 7): 46.0}
+    r.grid.cells = pd.DataFrame([{"variant": "full", "split": k, "seed": s, "mIoU_novel": v,
+                                  "mIoU": 60.0 + v / 10, "hIoU": v} for (k, s), v in novel.items()])
+    x = np.array(list(novel.values()))
+    h = 3.182446305284263 * x.std(ddof=1) / 2.0                    # t(3) at 97.5%, sqrt(4) = 2
+    assert headline_line(r) == (
+        "- **Headline: full SimFormer over 4 cells** (splits 1, 2 × seeds 6, 7, pooled; 30 iterations each), "
+        f"mean and 95% t interval: novel mIoU **45.0** [{45 - h:.1f}, {45 + h:.1f}], mIoU **64.5** "
+        f"[{64.5 - h / 10:.1f}, {64.5 + h / 10:.1f}], hIoU **45.0** "
+        f"[{45 - h:.1f}, {45 + h:.1f}]. One seed's figure moves with the CPU and the thread count; quote the "
+        "interval.")

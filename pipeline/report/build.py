@@ -112,8 +112,15 @@ def headline_line(r: Inputs) -> str:
             continue
         lo, hi = stats.t.interval(0.95, x.size - 1, loc=x.mean(), scale=x.std(ddof=1) / np.sqrt(x.size))
         parts.append(f"{label} **{ev._f(x.mean())}** [{ev._f(lo)}, {ev._f(hi)}]")
-    seeds = ", ".join(str(int(s)) for s in sorted(rows["seed"]))
-    return (f"- **Headline: full SimFormer over {len(rows)} seeds** ({seeds}; {g.iterations} iterations each), "
+    splits = ab.splits_of(rows)
+    if len(splits) > 1:         # a grid over several splits: cells of (split, seed), each split's seeds
+        seeds = ", ".join(str(int(s)) for s in sorted(set(rows["seed"])))
+        what = (f"{len(rows)} cells** (splits {', '.join(str(int(k)) for k in splits)} × seeds {seeds}, pooled; "
+                f"{g.iterations} iterations each)")
+    else:
+        seeds = ", ".join(str(int(s)) for s in sorted(rows["seed"]))
+        what = f"{len(rows)} seeds** ({seeds}; {g.iterations} iterations each)"
+    return (f"- **Headline: full SimFormer over {what}, "
             f"mean and 95% t interval: " + ", ".join(parts) + ". One seed's figure moves with the CPU and the "
             "thread count; quote the interval.")
 
