@@ -79,14 +79,16 @@ def test_sign_test():
 
 
 # ------------------------------------------------------------------ the report section
-NOVEL_IOU = {"pp0": (30.0, 40.0, 20.0), "full": (31.0, 39.0, 25.0), "full_oracle_teacher": (45.0, 50.0, 40.0)}
+NOVEL_IOU = {"pp0": (30.0, 40.0, 20.0), "full": (31.0, 39.0, 25.0), "full_oracle_teacher": (45.0, 50.0, 40.0),
+             "+complementary": (29.0, 40.0, 20.0)}
 
 
 def _write_cell(root, variant, seed, novel_miou):
     d = root / f"{variant}-{seed}"
     d.mkdir(parents=True)
     held = {k: 0.5 + 0.01 * seed for k in ev.HELDOUT_KEYS}
-    held["heldout_auc_simnet_novel"] = {"pp0": 0.6, "full": 0.62, "full_oracle_teacher": 0.61}[variant] + 0.01 * seed
+    held["heldout_auc_simnet_novel"] = {"pp0": 0.6, "full": 0.62, "full_oracle_teacher": 0.61,
+                                                "+complementary": 0.5}[variant] + 0.01 * seed
     (d / "cell.json").write_text(json.dumps({"variant": variant, "seed": seed, "params_hash": f"{variant}{seed}",
                                              "shared_with_main": False, "dataset": "synthetic", "split": 1,
                                              "iterations": 10, "heldout": held}))
@@ -143,6 +145,22 @@ def test_verdict_section_from_the_grid(grid_cells):
     assert "full_oracle_teacher (uses novel masks: oracle teacher)" in md     # held-out AUC table
     assert "Data setting: DATA SETTING." in md
     assert ev.similarity_verdict_markdown(cells[cells["variant"] != "pp0"]) is None     # no endpoint
+
+
+def test_verdict_section_states_the_noise_floor_when_complementary_is_in_the_grid(grid_cells):
+    """pp0 − +complementary (nothing of SimLoss reaches the model but the clipping): its mean, 95% interval
+    and paired SD, beside the paired SDs of the section's two comparisons; absent without +complementary."""
+    from pipeline.report.ablation import load_cells
+    root, cells = grid_cells
+    assert "Noise floor" not in ev.similarity_verdict_markdown(cells)
+    for s, b in {6: 30.0, 7: 33.0, 8: 29.0}.items():
+        _write_cell(root, "+complementary", s, b - {6: 1.0, 7: 3.0, 8: 2.0}[s])     # pp0 − it: 1, 3, 2
+    md = ev.similarity_verdict_markdown(load_cells(root))
+    h = 4.302652729911275 * 1.0 / np.sqrt(3)                         # t(2) at 97.5%, sd 1
+    sd_end = np.std([0.4, -0.3, 0.2], ddof=1)
+    assert (f"yet its novel mIoU differs by 2.0 [{2 - h:.1f}, {2 + h:.1f}] (95%) with a paired SD of 1.0 over 3 "
+            f"pairs. Paired SDs of this section's comparisons: full − pp0 {sd_end:.1f}; "
+            "full_oracle_teacher − pp0 1.0.") in md
 
 
 def test_report_has_the_verdict_section_and_novel_mask_notes(grid_cells, tmp_path):

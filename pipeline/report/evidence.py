@@ -320,6 +320,23 @@ HEADROOM = ("full_oracle_teacher", "pp0")       # a perfect teacher vs DistLoss 
 ENDPOINT_METRIC = "mIoU_novel"
 
 
+NOISE_FLOOR = ("pp0", "+complementary")       # SimLoss on vs off: nothing of it reaches the model but clipping
+
+
+def noise_floor_line(cells: pd.DataFrame, results: Sequence[Mapping], compared: Sequence[tuple[str, str]]) -> str:
+    """How noisy a pair is when no training signal differs: :data:`NOISE_FLOOR` (``pp0`` - ``+complementary``,
+    novel mIoU, 95% t interval), whose only path to the segmentation model is the global gradient clipping
+    (SimLoss trains SimNet on detached features), beside the paired SDs of the section's comparisons."""
+    a, b = NOISE_FLOOR
+    d = paired_difference(_by_pair(cells, a, ENDPOINT_METRIC), _by_pair(cells, b, ENDPOINT_METRIC))
+    sds = "; ".join(f"{x} − {y} {_f(r['sd'])}" for (x, y), r in zip(compared, results))
+    return (f"Noise floor: `{a}` − `{b}` trains the same segmentation model (SimLoss trains SimNet on detached "
+            "features; its one path to the model is the global gradient clipping), yet its novel mIoU differs by "
+            f"{_f(d['mean'])} [{_f(d['ci_low'])}, {_f(d['ci_high'])}] (95%) with a paired SD of {_f(d['std'])} "
+            f"over {d['n']} pairs. Paired SDs of this section's comparisons: {sds}. Most of a pair's spread is two "
+            "trainings drifting apart, not an effect that varies.")
+
+
 def paired_diffs(cells: pd.DataFrame, a: str, b: str, metric: str = ENDPOINT_METRIC) -> dict[tuple, float]:
     """``{(split, seed): a - b}`` of ``metric`` over the pairs (cells of one split and seed) where both
     variants have a finite value."""
@@ -427,6 +444,8 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
         text.append(f"Headroom: no `{HEADROOM[0]}` cells in the grid (add it to `ablation.run` to measure what a "
                     "perfect teacher would give).")
     text = text[:-3] + [x for t in text[-3:] for x in ("", t)]     # answer, sample size, headroom: paragraphs
+    if NOISE_FLOOR[1] in have and end["n"] >= 2:
+        text += ["", noise_floor_line(cells, results, [a_b for a_b, _ in rows])]
     pcd = per_class_diffs(cells, *ENDPOINT)
     st = sign_test(pcd["diff"])
     over = ("mean over the seeds of the split where the class is novel; the classes of every split" if multi
