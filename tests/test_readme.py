@@ -586,21 +586,22 @@ def test_readme_ablation_verdict_is_the_evidence_report():
     assert sim["verdict"].startswith("not resolved") and "similarity transfer shows no resolved gain" in result
 
 
-def test_readme_similarity_verdict_is_the_verdict_report():
-    """The README's answer to "does similarity transfer help?" quotes reports/verdict/report.md's
-    verdict table: both comparisons' means and intervals, and the words follow its verdicts."""
+@pytest.mark.parametrize("folder, pairs", [("verdict", 12), ("verdict2", 24)])
+def test_readme_similarity_verdict_is_the_verdict_report(folder, pairs):
+    """The README's answer to "does similarity transfer help?" quotes each evidence run's verdict
+    table (reports/<folder>/report.md): both comparisons' means, intervals and verdicts, the
+    number of pairs and the interval's level."""
     result = " ".join(_section(_text(README), "Result").split())
-    report = _text(ROOT / "reports" / "verdict" / "report.md")
-    quoted = {}
+    report = _text(ROOT / "reports" / folder / "report.md")
+    assert f"`reports/{folder}/`, {pairs} pairs" in result
     for label in ("full − pp0", "full_oracle_teacher − pp0"):
         n, mean, ci, verdict = _row(report, label)[1:]
         lo, hi = (float(v) for v in ci.split("(")[0].strip().strip("[]").split(","))
         sign = "+" if float(mean) > 0 else ""
-        quoted[label] = f"{sign}{_fmt(float(mean))} [{_fmt(lo)}, {_fmt(hi)}]"
-        assert n == "12" and verdict == "`unresolved`" and "(97.5%)" in ci, (label, ci, verdict)
-    assert f"novel mIoU **{quoted['full − pp0']}**" in result
-    assert f"(uses novel masks, the headroom control) **{quoted['full_oracle_teacher − pp0']}**" in result
-    assert "Not settled at 12 pairs" in result and "97.5% t intervals" in result
+        assert n == str(pairs) and "(97.5%)" in ci, (folder, label, n, ci)
+        quoted = f"**{sign}{_fmt(float(mean))} [{_fmt(lo)}, {_fmt(hi)}]** ({verdict.strip('`').replace('_', ' ')})"
+        assert quoted in result, (folder, label, quoted)
+    assert "97.5% t intervals" in result
 
 
 def test_readme_time_and_disk_figures_have_a_source():
