@@ -15,7 +15,7 @@ RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
 def test_default_grid_declares_the_paper_variants_and_trains_the_ordered_ones_over_three_seeds():
     grid = build_ablation(RAW["ablation"])
     assert set(REQUIRED_VARIANTS) <= set(grid.variants)
-    assert list(grid.trained) == list(grid.run) == ["baseline", "+complementary", "full", "oracle"]
+    assert list(grid.trained) == list(grid.run) == ["baseline", "+complementary", "full"]
     assert len(grid.seeds) >= 3
     assert grid.cells()[:2] == [("baseline", grid.seeds[0]), ("baseline", grid.seeds[1])]
     # the sweep variants differ from full SimFormer only by the DistLoss weight
