@@ -563,14 +563,35 @@ def test_readme_result_table_is_the_committed_reports():
     assert interval in _text(ROOT / "reports" / "evidence" / "README.md")
 
 
-def test_readme_headline_is_the_default_reports_first_line():
-    """The README's headline interval is the one the default run's report opens with."""
-    result = " ".join(_section(_text(README), "Result").split())
-    answer = _section(_text(ROOT / "reports" / "report.md"), "Answer")
+def _report_headline(report: Path) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(novel mIoU mean, interval), (mIoU mean, interval) of a report's headline line."""
+    answer = _section(_text(report), "Answer")
     head = next(ln for ln in answer.splitlines() if ln.startswith("- **Headline: full SimFormer over 3 seeds**"))
     novel = re.search(r"novel mIoU \*\*([\d.]+)\*\* (\[[\d.]+, [\d.]+\])", head).groups()
     miou = re.search(r", mIoU \*\*([\d.]+)\*\* (\[[\d.]+, [\d.]+\])", head).groups()
+    return novel, miou
+
+
+def test_readme_headline_is_the_default_reports_first_line():
+    """The README's headline interval is the one the default run's report opens with."""
+    result = " ".join(_section(_text(README), "Result").split())
+    novel, miou = _report_headline(ROOT / "reports" / "report.md")
     assert f"novel mIoU **{novel[0]} {novel[1]}**, mIoU **{miou[0]} {miou[1]}**" in result, (novel, miou)
+
+
+def test_readme_one_thread_headline_is_that_runs_report():
+    """The README's one-thread figures are reports/threads1's headline and main model, and that
+    run differs from the committed params by the thread count only."""
+    result = " ".join(_section(_text(README), "Result").split())
+    folder = ROOT / "reports" / "threads1"
+    novel, miou = _report_headline(folder / "report.md")
+    main = json.loads((folder / "metrics.json").read_text())
+    assert (f"(`reports/threads1/`): novel mIoU {novel[0]} {novel[1]}, mIoU {miou[0]} {miou[1]}, main model "
+            f"novel {main['mIoU_novel']:.1f}.") in result, (novel, miou)
+    run = _section(_text(folder / "report.md"), "Run")
+    assert "- params changed from the committed params.yaml: `train.threads` 1 (committed 0)" in run
+    readme = _text(folder / "README.md")
+    assert f"| {novel[0]} {novel[1]} | {miou[0]} {miou[1]} | {main['mIoU_novel']:.1f}, {main['mIoU']:.1f} |" in readme
 
 
 def test_readme_ablation_verdict_is_the_evidence_report():
