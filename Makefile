@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 # Every top-level package the pipeline, its stages and its tests import (checked after install).
-IMPORTS := torch torchvision dvc mlflow cv2 scipy pandas numpy matplotlib yaml tqdm pytest psutil submitit pynvml
+IMPORTS := torch torchvision dvc mlflow cv2 scipy pandas numpy matplotlib yaml tqdm pytest xdist psutil submitit pynvml
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -43,8 +43,11 @@ venv: $(VENV)/.installed
 repro: $(VENV)/.installed
 	dvc repro
 
+# The suite's test modules run on TEST_WORKERS processes (pytest-xdist; each module stays on one
+# process, in file order, so a module's shared project is built once). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	python -m pytest -q --durations=15 tests
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # Before the first run there is no store: say so instead of opening an empty UI. MLflow 3 opens on
 # a GenAI home page: the URLs printed first lead to the runs table and the models (docs/MLFLOW_UI.md).

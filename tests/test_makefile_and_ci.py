@@ -17,7 +17,7 @@ from tests.helpers import ROOT
 MAKE = shutil.which("make")
 needs_make = pytest.mark.skipif(MAKE is None, reason="make is not installed")
 ALL_IMPORTS = ["torch", "torchvision", "dvc", "mlflow", "cv2", "scipy", "pandas", "numpy", "matplotlib", "yaml",
-               "tqdm", "pytest", "psutil", "submitit", "pynvml"]
+               "tqdm", "pytest", "xdist", "psutil", "submitit", "pynvml"]
 
 
 def _site_packages() -> str:

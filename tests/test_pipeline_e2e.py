@@ -309,12 +309,13 @@ def test_exp_run_reruns_only_loss_readers_and_keeps_the_first_grid(project: Path
 
 def test_two_queued_experiments_run_side_by_side(project: Path):
     """`dvc queue start -j 2`: both finish, each with its own MLflow run, no SQLite lock error,
-    and each training takes its share of the cores (train.threads 0)."""
+    and each training takes its share of the cores (train.threads 0). Each experiment runs up to
+    the train stage (its target): pretrain and train, the stages that read train.threads."""
     import re
     import time
     before = set(run_tags(project))
     for w in ("0.1", "0.2"):
-        dvc(project, "exp", "run", "--queue", "-S", f"loss.pp_weight={w}", "-S", "train.threads=0")
+        dvc(project, "exp", "run", "--queue", "-S", f"loss.pp_weight={w}", "-S", "train.threads=0", "train")
     dvc(project, "queue", "start", "-j", "2")
     deadline = time.time() + 1800
     while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
