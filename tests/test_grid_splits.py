@@ -292,6 +292,9 @@ def test_the_verdict_pairs_by_split_and_seed(two_split_cells):
     assert "| full − pp0 | endpoint: similarity transfer (DistLoss with SimNet's teacher) on vs off | 4 | 2.0 |" in md
     assert "| comparison | what | pairs (split, seed) |" in md
     assert "2 up, 0 down, 0 tied" in md and "| cat | 1 | +2.0 | 2 |" in md and "| dog | 2 | +2.0 | 2 |" in md
+    # by split: split 1 pairs +1, +3; split 2 pairs -2, +6 -> means 2 and 2, F = 0 (no between-split spread)
+    assert "| full − pp0 | 1 | 2 | 2.0 | 1.4 | 2 of 2 |" in md and "| full − pp0 | 2 | 2 | 2.0 | 5.7 | 1 of 2 |" in md
+    assert "Between splits (one-way ANOVA of the paired differences): full − pp0 F(1, 2) = 0.00, p = 1.000." in md
     table = ev.paired_table(cells, comparisons=(("full", "pp0"),), metrics=(("mIoU_novel", "novel mIoU"),))
     assert table["n"].tolist() == [4] and table["mean"].tolist() == pytest.approx([2.0])
     paired = ev.paired_markdown(table)

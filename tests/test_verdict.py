@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.report import evidence as ev
-from pipeline.report.verdict import VERDICTS, paired_power, pairs_for_power, sign_test, verdict
+from pipeline.report.verdict import VERDICTS, between_splits, paired_power, pairs_for_power, sign_test, verdict
 
 
 # ------------------------------------------------------------------ the rule
@@ -68,6 +68,22 @@ def test_pairs_for_power_known_values():
     assert paired_power(9, 3.0, 3.0) < 0.8
     assert pairs_for_power(6.0, effect=3.0, comparisons=2) > 34        # Bonferroni costs pairs
     assert pairs_for_power(0.0) == 2
+
+
+def test_between_splits_is_the_one_way_anova_of_hand_made_groups():
+    from scipy import stats
+    # split 1: 1, 2, 3 (mean 2); split 2: 4, 5, 6 (mean 5); grand mean 3.5
+    # SS between = 3 * 1.5^2 * 2 = 13.5 (df 1); SS within = 2 + 2 = 4 (df 4): F = 13.5 / (4 / 4) = 13.5
+    r = between_splits({1: [1.0, 2.0, 3.0], 2: [4.0, 5.0, 6.0]})
+    assert r["F"] == pytest.approx(13.5) and (r["df_between"], r["df_within"]) == (1, 4)
+    assert r["p_value"] == pytest.approx(float(stats.f.sf(13.5, 1, 4)))
+    assert [(x["split"], x["n"], x["mean"], x["sd"], x["up"]) for x in r["splits"]] == [(1, 3, 2.0, 1.0, 3),
+                                                                                      (2, 3, 5.0, 1.0, 3)]
+    # a split with one pair is shown but left out of the test; one testable split is no test
+    one = between_splits({1: [1.0, -2.0], 2: [3.0, float("nan")]})
+    assert [(x["split"], x["n"], x["up"]) for x in one["splits"]] == [(1, 2, 1), (2, 1, 1)]
+    assert math.isnan(one["splits"][1]["sd"]) and math.isnan(one["F"]) and math.isnan(one["p_value"])
+    assert one["df_between"] == one["df_within"] == 0
 
 
 def test_sign_test():

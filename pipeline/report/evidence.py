@@ -337,6 +337,29 @@ def noise_floor_line(cells: pd.DataFrame, results: Sequence[Mapping], compared: 
             "trainings drifting apart, not an effect that varies.")
 
 
+def by_split_lines(cells: pd.DataFrame, compared: Sequence[tuple[str, str]]) -> list[str]:
+    """The section's comparisons split by split (novel mIoU, descriptive: no interval, not part of the
+    verdict): pairs, mean, SD and pairs above 0 per split, and whether the splits differ more than the
+    pairs of one split do (:func:`pipeline.report.verdict.between_splits`, one-way ANOVA)."""
+    from .verdict import between_splits
+    lines = ["By split (novel mIoU; descriptive, not part of the verdict: a split whose novel classes gain or "
+             "lose consistently would stand out here, and the ANOVA asks whether the splits differ more than the "
+             "pairs of one split do):", "",
+             "| comparison | split | pairs | mean | SD | above 0 |", "|---|---|---|---|---|---|"]
+    tests = []
+    for a, b in compared:
+        groups: dict = {}
+        for (split, _), d in paired_diffs(cells, a, b).items():
+            groups.setdefault(split, []).append(d)
+        res = between_splits(groups)
+        lines += [f"| {a} − {b} | {r['split']} | {r['n']} | {_f(r['mean'])} | {_f(r['sd'])} | {r['up']} of {r['n']} |"
+                  for r in res["splits"]]
+        tests.append(f"{a} − {b} F({res['df_between']}, {res['df_within']}) = {_f(res['F'], 2)}, "
+                     f"p = {_f(res['p_value'], 3)}" if math.isfinite(res["F"]) else
+                     f"{a} − {b}: too few pairs per split to test")
+    return lines + ["", "Between splits (one-way ANOVA of the paired differences): " + "; ".join(tests) + "."]
+
+
 def paired_diffs(cells: pd.DataFrame, a: str, b: str, metric: str = ENDPOINT_METRIC) -> dict[tuple, float]:
     """``{(split, seed): a - b}`` of ``metric`` over the pairs (cells of one split and seed) where both
     variants have a finite value."""
@@ -446,6 +469,8 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
     text = text[:-3] + [x for t in text[-3:] for x in ("", t)]     # answer, sample size, headroom: paragraphs
     if NOISE_FLOOR[1] in have and end["n"] >= 2:
         text += ["", noise_floor_line(cells, results, [a_b for a_b, _ in rows])]
+    if multi:
+        text += ["", *by_split_lines(cells, [a_b for a_b, _ in rows])]
     pcd = per_class_diffs(cells, *ENDPOINT)
     st = sign_test(pcd["diff"])
     over = ("mean over the seeds of the split where the class is novel; the classes of every split" if multi

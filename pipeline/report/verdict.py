@@ -9,11 +9,13 @@ a conclusive answer needs. Pure functions of numbers (scipy.stats only).
   (3 points by default) with 80 % power, from a pilot's paired standard deviation.
 * :func:`sign_test` - per-class differences: how many classes go up and down, with the exact
   two-sided binomial test (ties dropped).
+* :func:`between_splits` - paired differences grouped by base/novel split: does the effect vary
+  from split to split more than the pairs of one split vary (one-way ANOVA, ``scipy.stats.f_oneway``)?
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 from scipy import stats
@@ -110,3 +112,28 @@ def sign_test(diffs: Iterable[float]) -> dict:
     up, down = int((d > 0).sum()), int((d < 0).sum())
     p = float(stats.binomtest(up, up + down, 0.5).pvalue) if up + down else float("nan")
     return {"up": up, "down": down, "ties": int(d.size - up - down), "p_value": p}
+
+
+def between_splits(groups: Mapping[object, Iterable[float]]) -> dict:
+    """Paired differences grouped by split (``{split: [a - b per seed]}``, non-finite values left
+    out): per split ``n``, ``mean``, ``sd`` (ddof 1; NaN with one pair) and ``up`` (pairs above 0),
+    and the one-way ANOVA of the differences across splits (``scipy.stats.f_oneway``): ``F`` and
+    ``p_value``, with ``df_between`` = splits - 1 and ``df_within`` = pairs - splits. The test needs
+    at least 2 splits of at least 2 pairs each (splits with fewer pairs are left out of it); else
+    ``F`` and ``p_value`` are NaN. Returns ``{"splits": [{"split", "n", "mean", "sd", "up"}], "F",
+    "p_value", "df_between", "df_within"}``."""
+    rows, tested = [], []
+    for split, values in groups.items():
+        d = _finite(values)
+        if not d.size:
+            continue
+        rows.append({"split": split, "n": int(d.size), "mean": float(d.mean()),
+                     "sd": float(d.std(ddof=1)) if d.size > 1 else float("nan"), "up": int((d > 0).sum())})
+        if d.size >= 2:
+            tested.append(d)
+    out = {"splits": rows, "F": float("nan"), "p_value": float("nan"), "df_between": 0, "df_within": 0}
+    if len(tested) >= 2:
+        res = stats.f_oneway(*tested)
+        out.update(F=float(res.statistic), p_value=float(res.pvalue), df_between=len(tested) - 1,
+                   df_within=int(sum(d.size for d in tested)) - len(tested))
+    return out
