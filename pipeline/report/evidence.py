@@ -337,26 +337,29 @@ def noise_floor_line(cells: pd.DataFrame, results: Sequence[Mapping], compared: 
             "trainings drifting apart, not an effect that varies.")
 
 
-def by_split_lines(cells: pd.DataFrame, compared: Sequence[tuple[str, str]]) -> list[str]:
+def by_split_lines(compared: Sequence[tuple[tuple[str, str], Mapping[tuple, float]]]) -> list[str]:
     """The section's comparisons split by split (novel mIoU, descriptive: no interval, not part of the
-    verdict): pairs, mean, SD and pairs above 0 per split, and whether the splits differ more than the
-    pairs of one split do (:func:`pipeline.report.verdict.between_splits`, one-way ANOVA)."""
+    verdict), from each comparison's ``((a, b), paired_diffs(cells, a, b))``: pairs, mean, SD and pairs
+    above 0 per split, and whether the splits differ more than the pairs of one split do
+    (:func:`pipeline.report.verdict.between_splits`, one-way ANOVA)."""
     from .verdict import between_splits
     lines = ["By split (novel mIoU; descriptive, not part of the verdict: a split whose novel classes gain or "
              "lose consistently would stand out here, and the ANOVA asks whether the splits differ more than the "
              "pairs of one split do):", "",
              "| comparison | split | pairs | mean | SD | above 0 |", "|---|---|---|---|---|---|"]
     tests = []
-    for a, b in compared:
+    for (a, b), diffs in compared:
         groups: dict = {}
-        for (split, _), d in paired_diffs(cells, a, b).items():
+        for (split, _), d in diffs.items():
             groups.setdefault(split, []).append(d)
         res = between_splits(groups)
         lines += [f"| {a} − {b} | {r['split']} | {r['n']} | {_f(r['mean'])} | {_f(r['sd'])} | {r['up']} of {r['n']} |"
                   for r in res["splits"]]
-        tests.append(f"{a} − {b} F({res['df_between']}, {res['df_within']}) = {_f(res['F'], 2)}, "
-                     f"p = {_f(res['p_value'], 3)}" if math.isfinite(res["F"]) else
-                     f"{a} − {b}: too few pairs per split to test")
+        if math.isfinite(res["F"]):
+            tests.append(f"{a} − {b} F({res['df_between']}, {res['df_within']}) = {_f(res['F'], 2)}, "
+                         f"p = {_f(res['p_value'], 3)}")
+        else:
+            tests.append(f"{a} − {b}: too few pairs per split to test")
     return lines + ["", "Between splits (one-way ANOVA of the paired differences): " + "; ".join(tests) + "."]
 
 
@@ -422,7 +425,7 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
         rows.append((HEADROOM, "headroom control: a perfect teacher (the true pair relation; **uses novel masks**, "
                                "a diagnostic, not a weak-shot result) vs DistLoss off"))
     k = len(rows)
-    results = []
+    results, diffs = [], []
     splits = splits_of(cells.loc[cells["variant"].isin(ENDPOINT)])
     multi = len(splits) > 1
     lines = [f"| comparison | what | {'pairs (split, seed)' if multi else 'pairs (seeds)'} | mean | CI | verdict |",
@@ -431,6 +434,7 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
         d = paired_diffs(cells, a, b)
         v = verdict(list(d.values()), comparisons=k)
         results.append(v)
+        diffs.append(((a, b), d))
         ci = f"[{_f(v['ci_low'])}, {_f(v['ci_high'])}] ({v['level']:.1%})"
         lines.append(f"| {a} − {b} | {what} | {v['n']} | {_f(v['mean'])} | {ci} | `{v['verdict']}` |")
     end = results[0]
@@ -470,7 +474,7 @@ def similarity_verdict_markdown(cells: pd.DataFrame, novel_masks: Mapping[str, s
     if NOISE_FLOOR[1] in have and end["n"] >= 2:
         text += ["", noise_floor_line(cells, results, [a_b for a_b, _ in rows])]
     if multi:
-        text += ["", *by_split_lines(cells, [a_b for a_b, _ in rows])]
+        text += ["", *by_split_lines(diffs)]
     pcd = per_class_diffs(cells, *ENDPOINT)
     st = sign_test(pcd["diff"])
     over = ("mean over the seeds of the split where the class is novel; the classes of every split" if multi
